@@ -285,6 +285,7 @@ def open_crops(store: StoreLike, *, storage_options: dict | None = None) -> Crop
     -------
     The opened :class:`CropStore`, read-only.
     """
+    _resolve_store(store, mode="r")  # an unknown in-memory store gets its own message
     try:
         group, url = _open_group(store, mode="r", storage_options=storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as err:

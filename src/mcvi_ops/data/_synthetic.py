@@ -1,6 +1,523 @@
-"""Placeholder: replaced by the simulator."""
+"""Simulated optical pooled screens with known perturbation effects and technical artefacts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ._link import link_crops
+from ._phenotypes import (
+    BASE_MITOTIC_FRACTION,
+    CHANNEL_NAMES,
+    EFFECT_CODE,
+    EFFECT_DESCRIPTIONS,
+    NOVEL_EFFECTS,
+    SHIFT_EFFECTS,
+    sample_cell_params,
+)
+from ._render import TextureBank, render_cells
+from ._store import CropWriter
+
+logger = logging.getLogger(__name__)
+
+TILE_SIZE = 2960
+PIXEL_SIZE = 0.3036  # micrometres per pixel of the tiles (Funk et al. 2022)
+REFERENCE_CROP = 100  # crops are drawn as 100 px crops of the real screen resampled to crop_size
+TILE_MARGIN = 50  # cells within 50 px of the tile edge are dropped, as in the paper
+VIGNETTING = 0.45  # relative loss of signal in the tile corners
+EDGE_TILE_DENSITY = 1.6  # relative cell density of tiles at the well edge
+GAIN_LOG_SD = 0.15  # per-well, per-channel gains are log-normal
+NO_EFFECT_FRACTION = 0.3
+COMPLEX_SIZES = (3, 6)
+EFFICIENCY_RANGE = (0.4, 1.0)
+PENETRANCE_RANGE = (0.75, 0.95)
+STRENGTH_RANGE = (0.7, 1.0)
+MITOTIC_ARREST_GAIN = 0.4  # extra mitotic probability of affected cells, times strength
+BLOCK_CELLS = 1024  # cell parameters are drawn per block of this many cells, from its own seed
+_PLATE_FORMATS = ((6, 3), (24, 6), (96, 12), (384, 24))
 
 
-def synthetic_screen(*args, **kwargs):
-    """Not written yet."""
-    raise NotImplementedError
+def synthetic_screen(
+    n_cells: int = 10_000,
+    *,
+    n_genes: int = 60,
+    guides_per_gene: int = 4,
+    n_control_guides: int = 20,
+    control_fraction: float = 0.25,
+    crop_size: int = 64,
+    n_plates: int = 1,
+    n_wells: int = 4,
+    tile_grid: tuple[int, int] = (6, 6),
+    seed: int = 0,
+    path: str | os.PathLike | None = None,
+    chunk_cells: int | None = None,
+    batch_size: int = 1024,
+    overwrite: bool = False,
+) -> AnnData:
+    """Simulate an optical pooled screen of four-channel single-cell crops with known ground truth.
+
+    Cells of HeLa-like morphology are drawn in the four channels of Funk et al. (2022): DAPI,
+    alpha-tubulin, gamma-H2AX and phalloidin. They vary in size, shape, orientation and cell-cycle
+    stage (including mitoses with condensed DNA plates, a tubulin spindle and a rounded, bright
+    cortex) and share their crop with partial neighbours. Technical artefacts are tied to the
+    metadata as in a real screen: per-well, per-channel gains; vignetting that dims cells far from
+    the centre of their 2,960 px tile; and denser, smaller cells in tiles at the well edge.
+
+    Genes are grouped into complexes (3-6 genes) that share one effect, and about 30% of the genes
+    have no effect. *Shift* effects move phenotypes that controls already show
+    (``mitotic_arrest``, ``large_cells``, ``dna_damage``, ``elongated``, ``g2_arrest``) while
+    *novel* effects draw structures controls never show (``binucleate``, ``micronuclei``,
+    ``tubulin_aggregates``, ``actin_ring``). Each guide has a knockout efficiency and each gene a
+    penetrance: a cell is affected with probability ``efficiency * penetrance``. Effects other than
+    ``mitotic_arrest`` show in interphase cells only; for ``mitotic_arrest`` the affected cells are
+    the extra mitoses.
+
+    Crops are rendered batch by batch and streamed to a chunked zarr store, so screens of millions
+    of cells never hold their crops in memory. The result is identical for a given ``seed``
+    whatever ``path``, ``batch_size`` or ``chunk_cells``.
+
+    Parameters
+    ----------
+    n_cells
+        Number of cells.
+    n_genes
+        Number of targeted genes, named ``GENE001``, ``GENE002``, ...
+    guides_per_gene
+        sgRNAs per gene, named ``sg<GENE>_<k>``.
+    n_control_guides
+        Non-targeting control sgRNAs, named ``sgNTC_<k>``.
+    control_fraction
+        Fraction of cells carrying a control guide, in ``(0, 1)``.
+    crop_size
+        Side of the square crops in pixels, at least 32. Cells are drawn at the same relative
+        size whatever the crop size, as if 100 px crops had been resampled.
+    n_plates
+        Number of plates, named ``P1``, ``P2``, ...
+    n_wells
+        Wells per plate, named row-major in the smallest standard plate that holds them
+        (6-well: ``A1, A2, A3, B1, ...``).
+    tile_grid
+        ``(rows, cols)`` of the tiles in each well; tile ``t`` sits at
+        ``divmod(t, cols)``, and tiles in the first or last row or column are at the well edge.
+    seed
+        Seed of everything random.
+    path
+        Where to write the crops (a local path or an fsspec URL). If `None`, they are written to
+        a new in-memory store that lives as long as the Python process.
+    chunk_cells
+        Cells per chunk of the crop store; by default about 4 MB per chunk.
+    batch_size
+        Cells rendered and written per step; bounds the memory used.
+    overwrite
+        Replace an existing store at ``path``.
+
+    Returns
+    -------
+    AnnData with one row per cell, linked to its crops by :func:`~mcvi_ops.data.link_crops`:
+
+    ``.X``
+        Mean intensity of each channel over the crop (``DAPI_mean``, ...), float32.
+    ``.obs``
+        ``plate``, ``well`` (categorical), ``tile`` (int), ``cell_i``, ``cell_j`` (centroid
+        row/column in the 2,960 px tile), ``sgRNA``, ``gene_symbol`` (controls are
+        ``"nontargeting"``), ``stage`` (``"interphase"``/``"mitotic"``), the truth columns
+        ``effect_kind`` (``"control"``, ``"none"``, ``"shift"`` or ``"novel"``) and ``affected``
+        (whether the cell shows its gene's effect), and ``crop_index``.
+    ``.uns["synthetic_screen"]``
+        The simulation settings as plain data: tile size and grid (``"row-major"`` tile order),
+        pixel size, channel names, seed, plates, wells and per-well ``channel_gains``
+        (plates x wells x channels), vignetting, effect descriptions, ...
+    ``.uns["ground_truth"]``
+        DataFrame indexed by ``gene_symbol`` (targeted genes): ``complex`` (``"CPLX01"``, ...;
+        ``"none"`` for genes without effect), ``effect_kind`` (``"none"``, ``"shift"`` or
+        ``"novel"``), ``novel`` (bool), ``effect`` (effect name or ``"none"``), ``strength``
+        (0 for no effect) and ``penetrance``.
+    ``.uns["guide_truth"]``
+        DataFrame indexed by ``sgRNA``: ``gene_symbol`` and knockout ``efficiency`` (0 for
+        controls).
+    ``.uns["crops"]``
+        The crop store reference written by :func:`~mcvi_ops.data.link_crops`.
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=500, n_genes=10, seed=0)
+    >>> mcvi_ops.data.get_crops(adata, [0, 1]).shape
+    (2, 4, 64, 64)
+    >>> adata.uns["ground_truth"].columns.tolist()
+    ['complex', 'effect_kind', 'novel', 'effect', 'strength', 'penetrance']
+    """
+    n_ctrl = _validate(
+        n_cells=n_cells,
+        n_genes=n_genes,
+        guides_per_gene=guides_per_gene,
+        n_control_guides=n_control_guides,
+        control_fraction=control_fraction,
+        crop_size=crop_size,
+        n_plates=n_plates,
+        n_wells=n_wells,
+        tile_grid=tile_grid,
+        seed=seed,
+        batch_size=batch_size,
+        chunk_cells=chunk_cells,
+        path=path,
+        overwrite=overwrite,
+    )
+    n_cells, crop_size, seed = int(n_cells), int(crop_size), int(seed)
+    rows, cols = (int(t) for t in tile_grid)
+    design_rng, cell_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+
+    genes, guides = _design(design_rng, n_genes, guides_per_gene, n_control_guides)
+    plates = [f"P{p + 1}" for p in range(n_plates)]
+    wells = _well_names(n_wells)
+    gains = np.exp(design_rng.normal(0, GAIN_LOG_SD, (n_plates, n_wells, len(CHANNEL_NAMES))))
+    cells = _cells(cell_rng, n_cells, n_ctrl, genes, guides, n_plates * n_wells, rows, cols)
+
+    obs = pd.DataFrame(
+        {
+            "plate": pd.Categorical.from_codes(cells["well_id"] // n_wells, plates),
+            "well": pd.Categorical.from_codes(cells["well_id"] % n_wells, wells),
+            "tile": cells["tile"],
+            "cell_i": cells["cell_i"],
+            "cell_j": cells["cell_j"],
+            "sgRNA": pd.Categorical.from_codes(cells["guide"], guides.index.tolist()),
+            "gene_symbol": pd.Categorical(guides["gene_symbol"].to_numpy()[cells["guide"]]),
+            "stage": pd.Categorical.from_codes(
+                cells["mitotic"].astype(np.int8), ["interphase", "mitotic"]
+            ),
+            "effect_kind": pd.Categorical(
+                cells["effect_kind"], categories=["control", "none", "shift", "novel"]
+            ),
+            "affected": cells["affected"],
+        },
+        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
+    )
+    cell_gains = gains.reshape(-1, len(CHANNEL_NAMES))[cells["well_id"]]
+
+    if path is None:
+        store = f"memory://mcvi-synthetic-{uuid.uuid4().hex}.zarr"
+    else:
+        store = path
+    bank = TextureBank(crop_size, seed)
+    means = np.empty((n_cells, len(CHANNEL_NAMES)), dtype=np.float32)
+    block_cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def block_params(block: int) -> dict[str, np.ndarray]:
+        if block not in block_cache:
+            block_cache.clear()
+            lo, hi = block * BLOCK_CELLS, min((block + 1) * BLOCK_CELLS, n_cells)
+            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, block)))
+            part = slice(lo, hi)
+            params = sample_cell_params(
+                rng,
+                mitotic=cells["mitotic"][part],
+                effect=cells["effect"][part],
+                strength=cells["strength"][part],
+                affected=cells["affected"][part],
+                edge_tile=cells["edge_tile"][part],
+            )
+            params.update(bank.sample(rng, hi - lo, params["theta"]))
+            block_cache[block] = params
+        return block_cache[block]
+
+    with CropWriter(
+        store,
+        n_channels=len(CHANNEL_NAMES),
+        crop_size=crop_size,
+        channel_names=list(CHANNEL_NAMES),
+        dtype=np.uint16,
+        chunk_cells=chunk_cells,
+        pixel_size=PIXEL_SIZE * REFERENCE_CROP / crop_size,
+        attrs={"source": "mcvi_ops.data.synthetic_screen", "seed": seed},
+        overwrite=overwrite,
+    ) as writer:
+        for start in range(0, n_cells, int(batch_size)):
+            stop = min(start + int(batch_size), n_cells)
+            parts = []
+            for block in range(start // BLOCK_CELLS, (stop - 1) // BLOCK_CELLS + 1):
+                offset = block * BLOCK_CELLS
+                sl = slice(max(start, offset) - offset, min(stop, offset + BLOCK_CELLS) - offset)
+                parts.append({k: v[sl] for k, v in block_params(block).items()})
+            params = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            crops, means[start:stop] = render_cells(
+                params,
+                bank,
+                illumination=cells["illumination"][start:stop],
+                gains=cell_gains[start:stop],
+            )
+            writer.append(crops)
+            logger.debug("Rendered cells %d-%d of %d", start, stop, n_cells)
+    crop_store = writer.store
+
+    adata = AnnData(
+        X=means,
+        obs=obs,
+        var=pd.DataFrame(index=[f"{c}_mean" for c in CHANNEL_NAMES]),
+    )
+    adata.uns["synthetic_screen"] = {
+        "tile_size": TILE_SIZE,
+        "tile_grid": [rows, cols],
+        "tile_order": "row-major",
+        "tile_margin": TILE_MARGIN,
+        "pixel_size": PIXEL_SIZE,
+        "crop_pixel_size": PIXEL_SIZE * REFERENCE_CROP / crop_size,
+        "channel_names": list(CHANNEL_NAMES),
+        "seed": seed,
+        "n_cells": n_cells,
+        "n_genes": int(n_genes),
+        "guides_per_gene": int(guides_per_gene),
+        "n_control_guides": int(n_control_guides),
+        "control_fraction": float(control_fraction),
+        "crop_size": crop_size,
+        "n_plates": int(n_plates),
+        "n_wells": int(n_wells),
+        "plates": plates,
+        "wells": wells,
+        "channel_gains": gains.tolist(),
+        "vignetting": VIGNETTING,
+        "edge_tile_density": EDGE_TILE_DENSITY,
+        "base_mitotic_fraction": BASE_MITOTIC_FRACTION,
+        "effects": dict(EFFECT_DESCRIPTIONS),
+    }
+    adata.uns["ground_truth"] = genes
+    adata.uns["guide_truth"] = guides
+    link_crops(adata, crop_store)
+    logger.info(
+        "Simulated %d cells (%d genes, %d guides) into %s", n_cells, n_genes, len(guides), store
+    )
+    return adata
+
+
+def _well_names(n_wells: int) -> list[str]:
+    cols = next(c for size, c in _PLATE_FORMATS if n_wells <= size)
+    letters = "ABCDEFGHIJKLMNOP"
+    return [f"{letters[w // cols]}{w % cols + 1}" for w in range(n_wells)]
+
+
+def _design(
+    rng: np.random.Generator, n_genes: int, guides_per_gene: int, n_control_guides: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Genes with complexes and effects, and guides with efficiencies."""
+    width = max(3, len(str(n_genes)))
+    names = [f"GENE{g + 1:0{width}d}" for g in range(n_genes)]
+    order = rng.permutation(n_genes)
+    n_none = round(n_genes * NO_EFFECT_FRACTION) if n_genes > 1 else 0
+    with_effect = order[n_none:]
+    sizes: list[int] = []
+    left = len(with_effect)
+    while left >= COMPLEX_SIZES[0] or (left and not sizes):
+        size = min(int(rng.integers(COMPLEX_SIZES[0], COMPLEX_SIZES[1] + 1)), left)
+        sizes.append(size)
+        left -= size
+    for k in range(left):  # fewer left than a complex: add them to the smallest complexes
+        sizes[int(np.argmin(sizes))] += 1
+    # alternate shift and novel effects so that both kinds occur from two complexes on
+    shifts, novels = list(rng.permutation(SHIFT_EFFECTS)), list(rng.permutation(NOVEL_EFFECTS))
+    effects = []
+    for c in range(len(sizes)):
+        pool = shifts if c % 2 == 0 else novels
+        effects.append(str(pool[(c // 2) % len(pool)]))
+    complex_strength = rng.uniform(*STRENGTH_RANGE, len(sizes))
+
+    complex_of = np.full(n_genes, "none", dtype=object)
+    effect_of = np.full(n_genes, "none", dtype=object)
+    strength = np.zeros(n_genes)
+    penetrance = np.zeros(n_genes)
+    start = 0
+    for c, size in enumerate(sizes):
+        members = with_effect[start : start + size]
+        start += size
+        complex_of[members] = f"CPLX{c + 1:02d}"
+        effect_of[members] = effects[c]
+        strength[members] = complex_strength[c] * rng.uniform(0.9, 1.0, size)
+        penetrance[members] = rng.uniform(*PENETRANCE_RANGE, size)
+    kind = np.array(
+        ["none" if e == "none" else ("novel" if e in NOVEL_EFFECTS else "shift") for e in effect_of],
+        dtype=object,
+    )
+    genes = pd.DataFrame(
+        {
+            "complex": complex_of.astype(str),
+            "effect_kind": kind.astype(str),
+            "novel": kind == "novel",
+            "effect": effect_of.astype(str),
+            "strength": strength,
+            "penetrance": penetrance,
+        },
+        index=pd.Index(names, name="gene_symbol"),
+    )
+    for col in ("complex", "effect_kind", "effect"):
+        genes[col] = genes[col].astype(object)
+
+    width_ntc = max(2, len(str(n_control_guides)))
+    guide_names = [f"sg{g}_{k + 1}" for g in names for k in range(guides_per_gene)]
+    guide_names += [f"sgNTC_{k + 1:0{width_ntc}d}" for k in range(n_control_guides)]
+    guides = pd.DataFrame(
+        {
+            "gene_symbol": np.array(
+                [g for g in names for _ in range(guides_per_gene)]
+                + ["nontargeting"] * n_control_guides,
+                dtype=object,
+            ),
+            "efficiency": np.r_[
+                rng.uniform(*EFFICIENCY_RANGE, n_genes * guides_per_gene),
+                np.zeros(n_control_guides),
+            ],
+        },
+        index=pd.Index(guide_names, name="sgRNA"),
+    )
+    return genes, guides
+
+
+def _spread(rng: np.random.Generator, n_cells: int, n_groups: int) -> np.ndarray:
+    """Group labels with every group at least once and uneven (log-normal) representation."""
+    weights = np.exp(rng.normal(0, 0.3, n_groups))
+    extra = rng.choice(n_groups, n_cells - n_groups, p=weights / weights.sum())
+    return np.r_[np.arange(n_groups), extra]
+
+
+def _cells(
+    rng: np.random.Generator,
+    n_cells: int,
+    n_ctrl: int,
+    genes: pd.DataFrame,
+    guides: pd.DataFrame,
+    n_well_ids: int,
+    rows: int,
+    cols: int,
+) -> dict[str, np.ndarray]:
+    """Per-cell metadata and ground truth, ordered by plate, well and tile as in real tables."""
+    n_targeting = len(guides) - int((guides["gene_symbol"] == "nontargeting").sum())
+    guide = np.r_[
+        _spread(rng, n_cells - n_ctrl, n_targeting),
+        n_targeting + _spread(rng, n_ctrl, len(guides) - n_targeting),
+    ]
+    guide = guide[rng.permutation(n_cells)]
+
+    tiles = np.arange(rows * cols)
+    t_row, t_col = np.divmod(tiles, cols)
+    edge = (t_row == 0) | (t_row == rows - 1) | (t_col == 0) | (t_col == cols - 1)
+    weights = np.where(edge, EDGE_TILE_DENSITY, 1.0)
+    well_id = rng.integers(0, n_well_ids, n_cells)
+    tile = rng.choice(tiles, n_cells, p=weights / weights.sum())
+    cell_i, cell_j = rng.uniform(TILE_MARGIN, TILE_SIZE - TILE_MARGIN, (2, n_cells))
+    order = np.lexsort((tile, well_id))
+    guide, well_id, tile = guide[order], well_id[order], tile[order]
+    cell_i, cell_j = cell_i[order], cell_j[order]
+
+    gene_of_guide = guides["gene_symbol"].to_numpy()
+    gene_row = genes.index.get_indexer(gene_of_guide[guide])  # -1 for controls
+    control = gene_row < 0
+    effect_name = np.where(control, "none", genes["effect"].to_numpy()[gene_row])
+    effect = np.array([EFFECT_CODE[e] for e in effect_name], dtype=np.int64)
+    strength = np.where(control, 0.0, genes["strength"].to_numpy()[gene_row])
+    penetrance = np.where(control, 0.0, genes["penetrance"].to_numpy()[gene_row])
+    efficiency = guides["efficiency"].to_numpy()[guide]
+    drawn = (effect > 0) & (rng.random(n_cells) < efficiency * penetrance)
+    arrest = drawn & (effect == EFFECT_CODE["mitotic_arrest"])
+    p_mitotic = BASE_MITOTIC_FRACTION + np.where(arrest, MITOTIC_ARREST_GAIN * strength, 0.0)
+    mitotic = rng.random(n_cells) < p_mitotic
+    # mitotic arrest shows as the extra mitoses; every other effect shows in interphase only
+    affected = np.where(arrest, mitotic, drawn & ~mitotic)
+    kind = np.where(control, "control", genes["effect_kind"].to_numpy()[gene_row])
+
+    centre = TILE_SIZE / 2
+    dist2 = ((cell_i - centre) ** 2 + (cell_j - centre) ** 2) / (2 * centre**2)
+    return {
+        "guide": guide,
+        "well_id": well_id,
+        "tile": tile.astype(np.int64),
+        "cell_i": cell_i,
+        "cell_j": cell_j,
+        "edge_tile": edge[tile],
+        "effect": effect,
+        "strength": strength,
+        "affected": affected.astype(bool),
+        "mitotic": mitotic,
+        "effect_kind": kind.astype(str),
+        "illumination": 1 - VIGNETTING * dist2,
+    }
+
+
+def _validate(
+    *,
+    n_cells,
+    n_genes,
+    guides_per_gene,
+    n_control_guides,
+    control_fraction,
+    crop_size,
+    n_plates,
+    n_wells,
+    tile_grid,
+    seed,
+    batch_size,
+    chunk_cells,
+    path,
+    overwrite,
+) -> int:
+    """Check the arguments of :func:`synthetic_screen`; return the number of control cells."""
+    for name, value, low in (
+        ("n_cells", n_cells, 1),
+        ("n_genes", n_genes, 1),
+        ("guides_per_gene", guides_per_gene, 1),
+        ("n_control_guides", n_control_guides, 1),
+        ("n_plates", n_plates, 1),
+        ("n_wells", n_wells, 1),
+        ("batch_size", batch_size, 1),
+        ("seed", seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            msg = f"`{name}` must be an integer >= {low}, got {value!r}."
+            raise ValueError(msg)
+    if chunk_cells is not None and (not isinstance(chunk_cells, int | np.integer) or chunk_cells < 1):
+        msg = f"`chunk_cells` must be a positive integer or None, got {chunk_cells!r}."
+        raise ValueError(msg)
+    if not isinstance(crop_size, int | np.integer) or crop_size < 32:
+        msg = (
+            f"`crop_size` must be an integer of at least 32 pixels, got {crop_size!r}; smaller "
+            "crops cannot show the nucleus and cytoplasm apart. Use e.g. 64 or 100."
+        )
+        raise ValueError(msg)
+    if n_wells > _PLATE_FORMATS[-1][0]:
+        msg = f"`n_wells` must be at most {_PLATE_FORMATS[-1][0]} (a 384-well plate), got {n_wells}."
+        raise ValueError(msg)
+    if (
+        len(tuple(tile_grid)) != 2
+        or not all(isinstance(t, int | np.integer) and t >= 1 for t in tile_grid)
+    ):
+        msg = f"`tile_grid` must be two positive integers (rows, cols), got {tile_grid!r}."
+        raise ValueError(msg)
+    if not isinstance(control_fraction, float | int | np.floating) or not (
+        0 < control_fraction < 1
+    ):
+        msg = (
+            f"`control_fraction` must lie strictly between 0 and 1, got {control_fraction!r}. "
+            "A screen needs both control and targeting cells; 0.25 is typical."
+        )
+        raise ValueError(msg)
+    n_ctrl = round(n_cells * control_fraction)
+    n_targeting = n_genes * guides_per_gene
+    if n_ctrl < n_control_guides or n_cells - n_ctrl < n_targeting:
+        msg = (
+            f"n_cells={n_cells} with control_fraction={control_fraction} gives {n_ctrl} control "
+            f"and {n_cells - n_ctrl} targeting cells, fewer than the {n_control_guides} control "
+            f"and {n_targeting} targeting guides ({n_genes} genes x {guides_per_gene}): every "
+            "guide needs at least one cell. Increase `n_cells` or reduce `n_genes`, "
+            "`guides_per_gene` or `n_control_guides`."
+        )
+        raise ValueError(msg)
+    if path is not None and not overwrite:
+        text = os.fspath(path)
+        if ("://" not in text or text.startswith("file://")) and Path(
+            text.removeprefix("file://")
+        ).expanduser().exists():
+            msg = f"{text} already exists; pass `overwrite=True` to replace it or choose a new path."
+            raise FileExistsError(msg)
+    return n_ctrl

@@ -1,0 +1,482 @@
+"""From raw optical-pooled-screen tiles and a per-cell table to a crop store and an AnnData."""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from mcvi_ops.data import link_crops, open_crops
+
+from ._align import _check_percentiles
+from ._resume import RunFolder, table_fingerprint
+from ._tables import Preset, as_cell_table, resolve_columns
+from ._tiles import (
+    ChannelAxis,
+    MissingTileError,
+    TileResult,
+    TileTask,
+    process_tile,
+    resolve_sources,
+    tile_label,
+)
+
+logger = logging.getLogger(__name__)
+
+UNS_KEY = "extract_crops"
+TileInput = (
+    str | os.PathLike | np.ndarray | Sequence[Any] | Mapping[Any, Any] | Callable[[Any], Any]
+)
+
+
+def _check_params(
+    crop_size: int,
+    resize_to: int | None,
+    edge_margin: int | None,
+    channel_names: Sequence[str],
+    channel_axis: ChannelAxis,
+    reference_channel: int | str,
+    dtype: Any,
+    on_missing_tile: str,
+) -> tuple[int, int, np.dtype]:
+    if int(crop_size) != crop_size or crop_size < 2:
+        msg = f"crop_size must be an integer >= 2 pixels, got {crop_size!r} (e.g. crop_size=100)."
+        raise ValueError(msg)
+    if resize_to is not None and (int(resize_to) != resize_to or resize_to < 1):
+        msg = f"resize_to must be a positive integer or None, got {resize_to!r} (e.g. 64)."
+        raise ValueError(msg)
+    if edge_margin is None:
+        edge_margin = math.ceil(crop_size / 2)
+    elif int(edge_margin) != edge_margin or edge_margin < 0:
+        msg = f"edge_margin must be a non-negative integer or None, got {edge_margin!r}."
+        raise ValueError(msg)
+    names = list(channel_names)
+    if isinstance(channel_names, str) or not names:
+        msg = f"channel_names must be a list of names, one per channel, got {channel_names!r}."
+        raise ValueError(msg)
+    if channel_axis not in ("first", "last") and not isinstance(channel_axis, int):
+        msg = f"channel_axis must be 'first', 'last' or an integer axis, got {channel_axis!r}."
+        raise ValueError(msg)
+    if isinstance(reference_channel, str):
+        if reference_channel not in names:
+            msg = (
+                f"reference_channel {reference_channel!r} is not one of the channel names {names}."
+            )
+            raise ValueError(msg)
+        reference = names.index(reference_channel)
+    else:
+        reference = int(reference_channel)
+        if not 0 <= reference < len(names):
+            msg = (
+                f"reference_channel={reference_channel} is out of range for {len(names)} channels."
+            )
+            raise ValueError(msg)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype("uint16"), np.dtype("float32")):
+        msg = f"dtype must be 'uint16' or 'float32', got {dtype}."
+        raise ValueError(msg)
+    if on_missing_tile not in ("raise", "skip"):
+        msg = f"on_missing_tile must be 'raise' or 'skip', got {on_missing_tile!r}."
+        raise ValueError(msg)
+    return int(edge_margin), reference, dtype
+
+
+def _n_workers(n_jobs: int) -> int:
+    if n_jobs == 0:
+        msg = "n_jobs must be a positive number of processes, or -1 for all cores; got 0."
+        raise ValueError(msg)
+    return max(1, (os.cpu_count() or 1) + 1 + n_jobs) if n_jobs < 0 else int(n_jobs)
+
+
+def _results(tasks: list[TileTask], n_jobs: int, start_method: str | None) -> Iterator[TileResult]:
+    """Yield tile results in task order, at most ``2 * n_jobs`` tiles in flight."""
+    if n_jobs == 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield process_tile(task)
+        return
+    if start_method is None:
+        start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+    context = multiprocessing.get_context(start_method)
+    executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=context)
+    pending: deque[Future] = deque()
+    queue = iter(tasks)
+    try:
+        for task in queue:
+            pending.append(executor.submit(process_tile, task))
+            if len(pending) >= 2 * n_jobs:
+                break
+        while pending:
+            result = pending.popleft().result()
+            next_task = next(queue, None)
+            if next_task is not None:
+                pending.append(executor.submit(process_tile, next_task))
+            yield result
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _keep_mask(y: np.ndarray, x: np.ndarray, shape: Sequence[int], margin: int) -> np.ndarray:
+    rows, cols = np.floor(y + 0.5), np.floor(x + 0.5)
+    height, width = shape
+    return (
+        (rows >= margin) & (cols >= margin) & (height - rows >= margin) & (width - cols >= margin)
+    )
+
+
+def extract_crops(
+    tiles: TileInput,
+    cells: pd.DataFrame | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    channel_names: Sequence[str],
+    crop_size: int = 100,
+    channel_axis: ChannelAxis = "first",
+    align: bool = True,
+    reference_channel: int | str = 0,
+    upsample_factor: int = 10,
+    clip_percentiles: tuple[float, float] | None = (0.1, 99.9),
+    edge_margin: int | None = None,
+    resize_to: int | None = None,
+    preset: Preset | None = "auto",
+    tile_key: str | Sequence[str] | None = None,
+    y_key: str | None = None,
+    x_key: str | None = None,
+    on_missing_tile: Literal["raise", "skip"] = "raise",
+    dtype: Literal["uint16", "float32"] | np.dtype = "uint16",
+    chunk_cells: int | None = None,
+    pixel_size: float | None = None,
+    n_jobs: int = 1,
+    start_method: Literal["fork", "spawn", "forkserver"] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AnnData:
+    """Cut single-cell crops out of multichannel tiles into a crop store, with one AnnData row per crop.
+
+    Each tile is loaded once, its channels are aligned to a reference channel (optional), each
+    channel is clipped to its own ``clip_percentiles``, and a ``crop_size`` square is cut around
+    every cell's rounded centroid, optionally resized with anti-aliasing. Cells closer than
+    ``edge_margin`` pixels to a tile edge are dropped. This follows the preprocessing of the
+    Multi-Contrastive VAE paper (100 px crops, 50 px edge margin, 0.1% clipping).
+
+    Output goes to the folder ``out``: ``crops.zarr`` (a :class:`~mcvi_ops.data.CropStore`),
+    ``cells.h5ad`` (the returned AnnData) and ``extract_log.jsonl`` (the run log). Tiles are
+    processed in sorted tile-key order and cells in table order within a tile. Each finished tile
+    is committed to the log, so rerunning the same call after a crash skips the finished tiles
+    and ends with the same store and AnnData as an uninterrupted run.
+
+    Parameters
+    ----------
+    tiles
+        The tile images, each channel-first or channel-last as ``channel_axis`` says. One of
+
+        - a path to one TIFF/OME-TIFF (or ``.npy``) file, or one array, when all cells share a tile;
+        - a path template whose braces name tile key columns, e.g.
+          ``"images/{plate}/{well}/Tile-{tile}.tif"`` (format specs like ``{tile:04d}`` work);
+        - a folder of TIFF/``.npy`` files named after the tile key values joined by ``_``
+          (``A1_12.tif`` for ``tile_key=['well', 'tile']``), or holding a single image;
+        - a mapping from tile key to image array or path (the key is the value of the single
+          tile key column, or a tuple of values for several columns);
+        - a callable taking such a key and returning an image array or path; raising
+          :class:`KeyError` or :class:`FileNotFoundError` (or returning `None`) marks the tile
+          missing. With ``n_jobs > 1`` it must be picklable (a module-level function);
+        - a list of images or paths, one per tile in sorted tile-key order.
+    cells
+        Per-cell table (DataFrame) or a path to a CSV/TSV/parquet file (see
+        :func:`~mcvi_ops.io.read_cells`) with tile key and centroid columns, in tile pixels.
+    out
+        Output folder; created if needed.
+    channel_names
+        One name per image channel, in channel order.
+    crop_size
+        Side of the square crop cut from the tile, in pixels.
+    channel_axis
+        Where the channels are in each tile: ``"first"`` (C, Y, X), ``"last"`` (Y, X, C) or an
+        integer axis.
+    align
+        Align every channel to ``reference_channel`` by phase cross-correlation (sub-pixel) with
+        :func:`~mcvi_ops.io.align_channels`. The shifts are recorded in ``.uns``.
+    reference_channel
+        Index or name of the channel the others are aligned to.
+    upsample_factor
+        Sub-pixel precision of the alignment (10 gives 0.1 px).
+    clip_percentiles
+        ``(low, high)`` percentiles; each channel of each tile is clipped to them before cropping.
+        `None` disables clipping.
+    edge_margin
+        Cells whose rounded centroid is closer than this to a tile edge are dropped. Defaults to
+        half the crop size, so every crop lies fully inside its tile; smaller margins zero-pad
+        the crops that stick out.
+    resize_to
+        Resize each crop to ``resize_to`` x ``resize_to`` pixels with anti-aliasing
+        (e.g. 100 -> 64). `None` keeps ``crop_size``.
+    preset
+        Column naming of ``cells``. ``"funk"``: ``plate, well, tile`` (those present) and
+        ``cell_i`` / ``cell_j`` (or ``i`` / ``j``) for centroid row / column. ``"cellprofiler"``:
+        ``ImageNumber`` (or ``Metadata_ImageNumber``) and ``Nuclei_Location_Center_Y`` / ``_X``.
+        ``"auto"`` detects either; `None` uses only the explicit arguments below.
+    tile_key
+        Column(s) identifying each cell's tile; overrides the preset. Not needed when all cells
+        come from one image.
+    y_key, x_key
+        Columns holding each cell's centroid row (y) and column (x); override the preset.
+    on_missing_tile
+        ``"raise"`` stops with an error naming the tiles without an image; ``"skip"`` drops their
+        cells and counts them in ``n_dropped_missing_tile``.
+    dtype
+        Pixel type of the crops: ``"uint16"`` (tiles must hold integers) or ``"float32"``.
+    chunk_cells
+        Cells per chunk of the crop store; by default about 4 MB per chunk.
+    pixel_size
+        Pixel size in micrometres (of the crops, after any resize), stored with the crops.
+    n_jobs
+        Number of worker processes, each holding one tile at a time; -1 uses every core.
+    start_method
+        Multiprocessing start method for ``n_jobs > 1``: ``"fork"`` on Linux by default (fast),
+        ``"spawn"`` elsewhere.
+    overwrite
+        Replace earlier results in ``out`` instead of resuming them.
+    progress
+        Show a progress bar over tiles.
+
+    Returns
+    -------
+    AnnData with one row per kept cell, in crop order, written to ``out/cells.h5ad``:
+
+    ``.obs``
+        The cell table's columns for the kept cells, indexed by the table's index as strings,
+        plus ``obs["crop_index"]``, the cell's row in the crop store.
+    ``.uns["crops"]``
+        The link to ``out/crops.zarr`` (see :func:`~mcvi_ops.data.link_crops`).
+    ``.uns["extract_crops"]``
+        The parameters, resolved columns, counts ``n_cells_in``, ``n_dropped_nan`` (NaN centroid
+        or tile key), ``n_dropped_missing_tile``, ``n_dropped_edge``, ``n_kept``, and per tile
+        ``tile_labels``, ``tile_shapes`` and the applied channel ``shifts`` (rows, columns).
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> adata = mcvi_ops.io.extract_crops(  # doctest: +SKIP
+    ...     "tiles/{well}_Tile-{tile}.tif",
+    ...     "cells.csv",
+    ...     "crops/",
+    ...     channel_names=["DAPI", "tubulin", "gH2AX", "phalloidin"],
+    ...     preset="funk",
+    ...     resize_to=64,
+    ...     n_jobs=4,
+    ... )
+    >>> mcvi_ops.data.get_crops(adata, [0, 1]).shape  # doctest: +SKIP
+    (2, 4, 64, 64)
+    """
+    margin, reference, out_dtype = _check_params(
+        crop_size,
+        resize_to,
+        edge_margin,
+        channel_names,
+        channel_axis,
+        reference_channel,
+        dtype,
+        on_missing_tile,
+    )
+    if clip_percentiles is not None:
+        clip_percentiles = _check_percentiles(clip_percentiles)
+    names = [str(n) for n in channel_names]
+    workers = _n_workers(n_jobs)
+    table = as_cell_table(cells)
+    single = isinstance(tiles, np.ndarray) or _single_image(tiles)
+    columns = resolve_columns(
+        table, preset=preset, tile_key=tile_key, y_key=y_key, x_key=x_key, need_tile_key=not single
+    )
+    key_cols = list(columns.tile_key)
+
+    # --- group cells by tile ---------------------------------------------------------------
+    y_all = pd.to_numeric(table[columns.y_key], errors="coerce").to_numpy(np.float64)
+    x_all = pd.to_numeric(table[columns.x_key], errors="coerce").to_numpy(np.float64)
+    valid = np.isfinite(y_all) & np.isfinite(x_all)
+    if key_cols:
+        valid &= table[key_cols].notna().all(axis=1).to_numpy()
+    n_nan = int((~valid).sum())
+    if n_nan:
+        bad = table.index[~valid][:5].tolist()
+        logger.warning(
+            "Dropping %d cells with a missing (NaN) centroid or tile key, e.g. rows %s.", n_nan, bad
+        )
+    valid_positions = np.flatnonzero(valid)
+    if key_cols:
+        groups = table.iloc[valid_positions].groupby(key_cols, sort=True).indices
+        keys = [_plain_key(k) for k in groups]
+        group_positions = [valid_positions[np.asarray(groups[k])] for k in groups]
+    else:
+        keys, group_positions = [None], [valid_positions]
+    labels = [tile_label(key_cols, k) for k in keys]
+    sources, how = resolve_sources(tiles, key_cols, keys)
+    if on_missing_tile == "raise" and how != "callable":
+        missing = [lab for lab, src in zip(labels, sources, strict=True) if src is None]
+        if missing:
+            msg = (
+                f"No image found for {len(missing)} of {len(keys)} tiles, e.g. {missing[:5]} "
+                f"(tiles given as a {how}). Add the images, fix the tile path template or keys, "
+                "or pass on_missing_tile='skip' to drop their cells."
+            )
+            raise MissingTileError(msg)
+
+    params = {
+        "crop_size": int(crop_size),
+        "resize_to": None if resize_to is None else int(resize_to),
+        "edge_margin": margin,
+        "channel_names": names,
+        "channel_axis": channel_axis,
+        "align": bool(align),
+        "reference_channel": reference,
+        "upsample_factor": int(upsample_factor),
+        "clip_percentiles": None if clip_percentiles is None else list(clip_percentiles),
+        "dtype": str(out_dtype),
+        "tile_key": key_cols,
+        "y_key": columns.y_key,
+        "x_key": columns.x_key,
+        "preset": columns.preset,
+        "on_missing_tile": on_missing_tile,
+    }
+    fingerprint = table_fingerprint(table, [*key_cols, columns.y_key, columns.x_key])
+    run = RunFolder(
+        out, {"params": params, "table": fingerprint, "tiles": labels}, overwrite=overwrite
+    )
+    out_size = params["resize_to"] or params["crop_size"]
+    array = run.open_store(
+        n_channels=len(names),
+        crop_size=out_size,
+        channel_names=names,
+        dtype=out_dtype,
+        chunk_cells=chunk_cells,
+        pixel_size=pixel_size,
+    )
+    done = len(run.records)
+    worker_params = {**params, "n_channels": len(names), "dtype": str(out_dtype)}
+    tasks = [
+        TileTask(
+            index=i,
+            label=labels[i],
+            key=keys[i],
+            source=sources[i],
+            positions=group_positions[i],
+            y=y_all[group_positions[i]],
+            x=x_all[group_positions[i]],
+            params=worker_params,
+        )
+        for i in range(done, len(keys))
+    ]
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=len(keys), initial=done, unit="tile", desc="Cropping", disable=not progress
+    ) as bar:
+        for result in _results(tasks, workers, start_method):
+            label = labels[result.index]
+            if result.missing and on_missing_tile == "raise":
+                msg = (
+                    f"No image for tile {label}: the tile loader raised KeyError/"
+                    "FileNotFoundError or returned None. Provide the image, or pass "
+                    f"on_missing_tile='skip' to drop its {len(group_positions[result.index])} "
+                    "cells. Finished tiles are kept; rerun to resume."
+                )
+                raise MissingTileError(msg)
+            if result.missing:
+                logger.warning("No image for tile %s; dropping its cells.", label)
+            record = {
+                "label": label,
+                "missing": result.missing,
+                "tile_shape": result.tile_shape,
+                "n_kept": len(result.kept),
+                "n_dropped_edge": result.n_dropped_edge,
+                "shifts": result.shifts,
+            }
+            run.commit(array, result.crops, record)
+            bar.update(1)
+    return _finish(run, table, group_positions, y_all, x_all, labels, params, n_nan)
+
+
+def _single_image(tiles: Any) -> bool:
+    if isinstance(tiles, str | os.PathLike):
+        text = os.fspath(tiles)
+        return "{" not in text and os.path.isfile(text)
+    return False
+
+
+def _plain_key(key: Any) -> Any:
+    if isinstance(key, tuple):
+        return tuple(k.item() if isinstance(k, np.generic) else k for k in key)
+    return key.item() if isinstance(key, np.generic) else key
+
+
+def _finish(
+    run: RunFolder,
+    table: pd.DataFrame,
+    group_positions: list[np.ndarray],
+    y_all: np.ndarray,
+    x_all: np.ndarray,
+    labels: list[str],
+    params: dict[str, Any],
+    n_nan: int,
+) -> AnnData:
+    """Build the AnnData of kept cells from the committed tiles, link it and write it."""
+    kept_parts, n_edge, n_missing, shapes, shifts = [], 0, 0, [], []
+    n_channels = len(params["channel_names"])
+    for record, positions in zip(run.records, group_positions, strict=True):
+        if record["missing"]:
+            n_missing += len(positions)
+            shapes.append([0, 0])
+            shifts.append([[float("nan")] * 2] * n_channels)
+            continue
+        keep = _keep_mask(
+            y_all[positions], x_all[positions], record["tile_shape"], params["edge_margin"]
+        )
+        if int(keep.sum()) != record["n_kept"] or record["stop"] - record["start"] != keep.sum():
+            msg = (
+                f"The run log in {run.root} disagrees with the cell table for tile "
+                f"{record['label']}. Rerun with overwrite=True."
+            )
+            raise RuntimeError(msg)
+        kept_parts.append(positions[keep])
+        n_edge += record["n_dropped_edge"]
+        shapes.append(record["tile_shape"])
+        shifts.append(record["shifts"])
+    kept = np.concatenate(kept_parts) if kept_parts else np.zeros(0, dtype=np.int64)
+    obs = table.iloc[kept].copy()
+    index = table.index.astype(str)
+    obs.index = index[kept] if index.is_unique else pd.Index([str(p) for p in kept])
+    obs.columns = obs.columns.astype(str)
+    adata = AnnData(obs=obs)
+    store = open_crops(str(run.store_path))
+    link_crops(adata, store)
+    adata.uns["extract_crops"] = {
+        **params,
+        "n_cells_in": int(len(table)),
+        "n_dropped_nan": int(n_nan),
+        "n_dropped_missing_tile": int(n_missing),
+        "n_dropped_edge": int(n_edge),
+        "n_kept": int(len(kept)),
+        "n_tiles": len(labels),
+        "tile_labels": labels,
+        "tile_shapes": shapes,
+        "shifts": shifts,
+    }
+    adata.write_h5ad(run.adata_path)
+    logger.info(
+        "Kept %d of %d cells (%d near an edge, %d without a tile image, %d with NaN); wrote %s",
+        len(kept),
+        len(table),
+        n_edge,
+        n_missing,
+        n_nan,
+        run.root,
+    )
+    return adata

@@ -1,0 +1,343 @@
+"""Start from crops that already exist: an array, or a folder of per-cell image files."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from mcvi_ops.data import CropWriter, link_crops
+
+from ._resume import ADATA_NAME, STORE_NAME
+from ._tiles import IMAGE_SUFFIXES, ChannelAxis, _stem, read_image, resize_crops, to_channel_first
+
+logger = logging.getLogger(__name__)
+
+UNS_KEY = "import_crops"
+_STORE_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
+
+
+def _output_paths(out: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
+    root = Path(out).expanduser().resolve()
+    store_path, adata_path = root / STORE_NAME, root / ADATA_NAME
+    if not overwrite and (store_path.exists() or adata_path.exists()):
+        msg = (
+            f"{root} already holds {STORE_NAME} or {ADATA_NAME}. Pass overwrite=True to replace "
+            "them, or choose another output folder."
+        )
+        raise FileExistsError(msg)
+    root.mkdir(parents=True, exist_ok=True)
+    return store_path, adata_path
+
+
+def _out_dtype(dtype: Any, source: np.dtype) -> np.dtype:
+    if dtype is None:
+        return source if source in _STORE_DTYPES else np.dtype("float32")
+    dtype = np.dtype(dtype)
+    if dtype not in _STORE_DTYPES:
+        msg = f"dtype must be uint8, uint16, float32 or None (keep the input's), got {dtype}."
+        raise ValueError(msg)
+    return dtype
+
+
+def _check_obs(obs: pd.DataFrame | None, n: int, default_index: Sequence[str]) -> pd.DataFrame:
+    if obs is None:
+        return pd.DataFrame(index=pd.Index([str(i) for i in default_index]))
+    if not isinstance(obs, pd.DataFrame):
+        msg = f"obs must be a pandas DataFrame with one row per crop, got {type(obs).__name__}."
+        raise TypeError(msg)
+    if len(obs) != n:
+        msg = (
+            f"obs has {len(obs)} rows but there are {n} crops; give one row per crop, in crop "
+            "order."
+        )
+        raise ValueError(msg)
+    obs = obs.copy()
+    obs.index = obs.index.astype(str)
+    return obs
+
+
+def _finish(obs: pd.DataFrame, store, adata_path: Path, info: dict[str, Any]) -> AnnData:
+    adata = AnnData(obs=obs)
+    link_crops(adata, store)
+    adata.uns[UNS_KEY] = info
+    adata.write_h5ad(adata_path)
+    return adata
+
+
+def crops_from_array(
+    crops: np.ndarray,
+    out: str | os.PathLike,
+    *,
+    channel_names: Sequence[str],
+    obs: pd.DataFrame | None = None,
+    channel_axis: ChannelAxis = "first",
+    resize_to: int | None = None,
+    dtype: Any = None,
+    chunk_cells: int | None = None,
+    pixel_size: float | None = None,
+    overwrite: bool = False,
+) -> AnnData:
+    """Store crops you already have (an in-memory array) as a crop store with an AnnData.
+
+    Use this when your own segmentation and cropping pipeline produced the crops.
+
+    Parameters
+    ----------
+    crops
+        Array of shape ``(n_cells, channels, height, width)`` (``channel_axis="first"``) or
+        ``(n_cells, height, width, channels)`` (``"last"``); ``(n_cells, height, width)`` for a
+        single channel.
+    out
+        Output folder; receives ``crops.zarr`` and ``cells.h5ad``.
+    channel_names
+        One name per channel.
+    obs
+        Per-cell annotations (e.g. ``sgRNA``, ``gene_symbol``), one row per crop in crop order.
+    channel_axis
+        Channel axis of each crop: ``"first"``, ``"last"`` or an integer axis of a single crop.
+    resize_to
+        Resize each crop to ``resize_to`` x ``resize_to`` pixels with anti-aliasing.
+    dtype
+        ``uint8``, ``uint16`` or ``float32``; `None` keeps the input type when possible.
+    chunk_cells
+        Cells per chunk of the store.
+    pixel_size
+        Pixel size in micrometres.
+    overwrite
+        Replace an existing ``crops.zarr`` / ``cells.h5ad`` in ``out``.
+
+    Returns
+    -------
+    AnnData with one row per crop, written to ``out/cells.h5ad``, with ``obs["crop_index"]``,
+    the store link in ``uns["crops"]`` and ``uns["import_crops"]`` (source, counts, channel names).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import mcvi_ops
+    >>> crops = np.zeros((10, 2, 64, 64), dtype=np.uint16)
+    >>> adata = mcvi_ops.io.crops_from_array(  # doctest: +SKIP
+    ...     crops, "my_crops/", channel_names=["DNA", "actin"]
+    ... )
+    >>> adata.n_obs  # doctest: +SKIP
+    10
+    """
+    crops = np.asarray(crops)
+    names = [str(n) for n in channel_names]
+    if crops.ndim == 3 and len(names) == 1:
+        crops = crops[:, None]
+    if crops.ndim != 4:
+        msg = (
+            f"crops must have 4 dimensions (cells, channels, height, width), got shape "
+            f"{crops.shape}. Stack single crops with np.stack."
+        )
+        raise ValueError(msg)
+    axis = {"first": 1, "last": 3}.get(channel_axis, None)  # type: ignore[arg-type]
+    if axis is None:
+        axis = int(channel_axis) % 3 + 1
+    if crops.shape[axis] != len(names):
+        msg = (
+            f"crops of shape {crops.shape} have {crops.shape[axis]} channels on axis {axis} "
+            f"(channel_axis={channel_axis!r}) but {len(names)} channel names were given. Set "
+            "channel_axis ('first' for (n, C, H, W), 'last' for (n, H, W, C)) or fix channel_names."
+        )
+        raise ValueError(msg)
+    crops = np.moveaxis(crops, axis, 1)
+    if crops.shape[2] != crops.shape[3] and resize_to is None:
+        logger.info("Crops are not square (%s); keeping them as they are.", crops.shape[2:])
+    out_dtype = _out_dtype(dtype, crops.dtype)
+    obs = _check_obs(obs, len(crops), range(len(crops)))
+    store_path, adata_path = _output_paths(out, overwrite)
+    size = (resize_to, resize_to) if resize_to else crops.shape[2:]
+    with CropWriter(
+        str(store_path),
+        n_channels=len(names),
+        crop_size=size,
+        channel_names=names,
+        dtype=out_dtype,
+        chunk_cells=chunk_cells,
+        pixel_size=pixel_size,
+        overwrite=overwrite,
+    ) as writer:
+        step = 1024
+        for start in range(0, len(crops), step):
+            batch = crops[start : start + step]
+            writer.append(_prepare(batch, resize_to, out_dtype))
+    info = {
+        "source": "array",
+        "n_cells": int(len(crops)),
+        "channel_names": names,
+        "resize_to": resize_to,
+    }
+    return _finish(obs, writer.store, adata_path, info)
+
+
+def _prepare(batch: np.ndarray, resize_to: int | None, dtype: np.dtype) -> np.ndarray:
+    if resize_to:
+        batch = resize_crops(batch, resize_to)
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(batch.dtype, np.floating):
+        info = np.iinfo(dtype)
+        batch = np.clip(np.rint(batch), info.min, info.max)
+    return batch
+
+
+def _list_files(paths_or_folder: Any, pattern: str | None) -> list[Path]:
+    if isinstance(paths_or_folder, str | os.PathLike):
+        folder = Path(paths_or_folder)
+        if not folder.is_dir():
+            msg = (
+                f"{str(folder)!r} is not a folder. Pass a folder of crop files or a list of paths."
+            )
+            raise NotADirectoryError(msg)
+        if pattern is not None:
+            files = sorted(p for p in folder.glob(pattern) if p.is_file())
+        else:
+            files = sorted(
+                p
+                for p in folder.iterdir()
+                if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+            )
+        if not files:
+            msg = (
+                f"No crop files ({pattern or '*.tif, *.tiff, *.npy'}) in {str(folder)!r}. Check "
+                "the folder or pass `pattern=`."
+            )
+            raise FileNotFoundError(msg)
+        return files
+    files = [Path(p) for p in paths_or_folder]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        msg = f"{len(missing)} crop files do not exist, e.g. {missing[:3]}. Check the paths."
+        raise FileNotFoundError(msg)
+    if not files:
+        msg = "No crop files given."
+        raise ValueError(msg)
+    return files
+
+
+def crops_from_files(
+    paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    channel_names: Sequence[str],
+    obs: pd.DataFrame | None = None,
+    channel_axis: ChannelAxis = "first",
+    pattern: str | None = None,
+    resize_to: int | None = None,
+    dtype: Any = None,
+    chunk_cells: int | None = None,
+    pixel_size: float | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AnnData:
+    """Store a folder (or list) of per-cell crop files as a crop store with an AnnData.
+
+    Each file holds one cell's multichannel crop as TIFF or ``.npy``. Files are streamed, so the
+    crops need not fit in memory.
+
+    Parameters
+    ----------
+    paths_or_folder
+        A folder (files sorted by name) or a list of paths (kept in the given order).
+    out
+        Output folder; receives ``crops.zarr`` and ``cells.h5ad``.
+    channel_names
+        One name per channel.
+    obs
+        Per-cell annotations, one row per file in file order. By default the index is the file
+        name without extension.
+    channel_axis
+        Channel axis of each file's image: ``"first"`` (C, Y, X) or ``"last"`` (Y, X, C).
+    pattern
+        Glob pattern selecting files in the folder, e.g. ``"*_crop.tif"``; by default every
+        ``.tif``, ``.tiff`` and ``.npy`` file.
+    resize_to
+        Resize each crop to ``resize_to`` x ``resize_to`` pixels with anti-aliasing; needed when
+        the files differ in size.
+    dtype
+        ``uint8``, ``uint16`` or ``float32``; `None` keeps the first file's type when possible.
+    chunk_cells
+        Cells per chunk of the store.
+    pixel_size
+        Pixel size in micrometres.
+    overwrite
+        Replace an existing ``crops.zarr`` / ``cells.h5ad`` in ``out``.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    AnnData with one row per file, written to ``out/cells.h5ad``, with ``obs["source_file"]``,
+    ``obs["crop_index"]``, the store link in ``uns["crops"]`` and ``uns["import_crops"]``.
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> adata = mcvi_ops.io.crops_from_files(  # doctest: +SKIP
+    ...     "my_crops/", "store/", channel_names=["DNA", "actin"], channel_axis="last"
+    ... )
+    """
+    from tqdm.auto import tqdm
+
+    files = _list_files(paths_or_folder, pattern)
+    names = [str(n) for n in channel_names]
+    obs = _check_obs(obs, len(files), [_stem(p) for p in files])
+    if "source_file" not in obs:
+        obs["source_file"] = [str(p) for p in files]
+    first = to_channel_first(
+        read_image(files[0]),
+        channel_axis=channel_axis,
+        n_channels=len(names),
+        where=f"Crop file {str(files[0])!r}",
+    )
+    shape = first.shape[1:]
+    out_dtype = _out_dtype(dtype, first.dtype)
+    store_path, adata_path = _output_paths(out, overwrite)
+    size = (resize_to, resize_to) if resize_to else shape
+    batch: list[np.ndarray] = []
+    with CropWriter(
+        str(store_path),
+        n_channels=len(names),
+        crop_size=size,
+        channel_names=names,
+        dtype=out_dtype,
+        chunk_cells=chunk_cells,
+        pixel_size=pixel_size,
+        overwrite=overwrite,
+    ) as writer:
+        step = writer.store.chunk_cells
+        for path in tqdm(files, unit="crop", desc="Reading crops", disable=not progress):
+            image = to_channel_first(
+                read_image(path),
+                channel_axis=channel_axis,
+                n_channels=len(names),
+                where=f"Crop file {str(path)!r}",
+            )
+            if resize_to is None and image.shape[1:] != shape:
+                msg = (
+                    f"Crop file {str(path)!r} is {image.shape[1:]} pixels but the first file is "
+                    f"{shape}. Pass resize_to= to bring all crops to one size."
+                )
+                raise ValueError(msg)
+            if resize_to:
+                image = resize_crops(image[None], resize_to)[0]
+            batch.append(image)
+            if len(batch) >= step:
+                writer.append(_prepare(np.stack(batch), None, out_dtype))
+                batch = []
+        if batch:
+            writer.append(_prepare(np.stack(batch), None, out_dtype))
+    info = {
+        "source": "files",
+        "n_cells": len(files),
+        "channel_names": names,
+        "resize_to": resize_to,
+    }
+    return _finish(obs, writer.store, adata_path, info)

@@ -1,0 +1,184 @@
+"""Per-cell tables: readers and column-naming presets (Funk et al. 2022, CellProfiler)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+Preset = Literal["auto", "funk", "cellprofiler"]
+
+# Each entry lists candidate column names in order of preference.
+_PRESETS: dict[str, dict[str, tuple]] = {
+    "funk": {
+        # tile key: every column of the first candidate group that is present
+        "tile_key": (("plate", "well", "tile"),),
+        "y_key": ("cell_i", "i"),
+        "x_key": ("cell_j", "j"),
+    },
+    "cellprofiler": {
+        "tile_key": (("ImageNumber",), ("Metadata_ImageNumber",)),
+        "y_key": (
+            "Nuclei_Location_Center_Y",
+            "Metadata_Nuclei_Location_Center_Y",
+            "Cells_Location_Center_Y",
+            "Location_Center_Y",
+        ),
+        "x_key": (
+            "Nuclei_Location_Center_X",
+            "Metadata_Nuclei_Location_Center_X",
+            "Cells_Location_Center_X",
+            "Location_Center_X",
+        ),
+    },
+}
+
+
+@dataclass(frozen=True)
+class CellColumns:
+    """Resolved names of the tile-key and centroid columns of a cell table."""
+
+    tile_key: tuple[str, ...]
+    y_key: str
+    x_key: str
+    preset: str | None
+
+
+def read_cells(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
+    """Read a per-cell table from CSV, TSV or parquet.
+
+    Parameters
+    ----------
+    path
+        A ``.csv``, ``.csv.gz``, ``.tsv``, ``.txt`` or ``.parquet``/``.pq`` file.
+    **kwargs
+        Passed to :func:`pandas.read_csv` or :func:`pandas.read_parquet`.
+
+    Returns
+    -------
+    The table, one row per cell, in file order.
+
+    Examples
+    --------
+    >>> import mcvi_ops.io
+    >>> cells = mcvi_ops.io.read_cells("cells.csv")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.exists():
+        msg = f"Cell table {str(path)!r} does not exist. Check the path."
+        raise FileNotFoundError(msg)
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".parquet", ".pq"):
+        return pd.read_parquet(path, **kwargs)
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".zip", ".xz") and len(suffixes) > 1:
+        suffixes = suffixes[:-1]
+    if suffixes and suffixes[-1] in (".csv",):
+        return pd.read_csv(path, **kwargs)
+    if suffixes and suffixes[-1] in (".tsv", ".txt", ".tab"):
+        return pd.read_csv(path, sep="\t", **kwargs)
+    msg = (
+        f"Cannot read a cell table from {str(path)!r}: expected a .csv, .tsv or .parquet file. "
+        "Read it yourself with pandas and pass the DataFrame instead."
+    )
+    raise ValueError(msg)
+
+
+def as_cell_table(cells: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    """Return ``cells`` as a DataFrame, reading it with :func:`read_cells` if it is a path."""
+    if isinstance(cells, pd.DataFrame):
+        return cells
+    if isinstance(cells, str | os.PathLike):
+        return read_cells(cells)
+    msg = (
+        f"`cells` must be a pandas DataFrame or a path to a CSV/parquet file, got "
+        f"{type(cells).__name__}."
+    )
+    raise TypeError(msg)
+
+
+def _detect_preset(columns: pd.Index) -> str | None:
+    for name, spec in _PRESETS.items():
+        if any(c in columns for c in spec["y_key"]) and any(c in columns for c in spec["x_key"]):
+            return name
+    return None
+
+
+def resolve_columns(
+    table: pd.DataFrame,
+    *,
+    preset: Preset | None,
+    tile_key: str | Sequence[str] | None,
+    y_key: str | None,
+    x_key: str | None,
+    need_tile_key: bool,
+) -> CellColumns:
+    """Work out the tile-key and centroid columns from a preset and explicit overrides.
+
+    Explicit ``tile_key``, ``y_key`` and ``x_key`` win over the preset. With ``preset="auto"``
+    the naming is detected from the columns.
+    """
+    columns = table.columns
+    if preset == "auto":
+        preset = _detect_preset(columns) if (y_key is None or x_key is None) else None
+        if preset is not None:
+            logger.info("Detected %r column naming in the cell table.", preset)
+    elif preset is not None and preset not in _PRESETS:
+        msg = f"Unknown preset {preset!r}; expected one of {[*_PRESETS, 'auto', None]}."
+        raise ValueError(msg)
+    spec = _PRESETS.get(preset, {}) if preset is not None else {}
+
+    def pick(explicit: str | None, role: str, arg: str) -> str:
+        if explicit is not None:
+            if explicit not in columns:
+                msg = (
+                    f"Centroid column {explicit!r} (`{arg}=`) is not in the cell table. Columns: "
+                    f"{list(columns)}. Pass the name of the column holding the centroid {role}."
+                )
+                raise KeyError(msg)
+            return explicit
+        for candidate in spec.get(arg, ()):
+            if candidate in columns:
+                return candidate
+        expected = list(spec.get(arg, ())) or ["<none: no preset>"]
+        msg = (
+            f"No centroid {role} column found in the cell table (preset={preset!r} looks for "
+            f"{expected}). Columns: {list(columns)}. Pass `{arg}=` naming the column with each "
+            f"cell's centroid {role} in tile pixels, or choose `preset='funk'` (cell_i/cell_j) "
+            "or `preset='cellprofiler'` (Nuclei_Location_Center_Y/X)."
+        )
+        raise KeyError(msg)
+
+    y_col = pick(y_key, "row (y)", "y_key")
+    x_col = pick(x_key, "column (x)", "x_key")
+
+    if tile_key is not None:
+        keys = (tile_key,) if isinstance(tile_key, str) else tuple(tile_key)
+        missing = [k for k in keys if k not in columns]
+        if missing:
+            msg = (
+                f"Tile key column(s) {missing} (`tile_key=`) not in the cell table. Columns: "
+                f"{list(columns)}. Pass the column(s) that identify each cell's tile."
+            )
+            raise KeyError(msg)
+    else:
+        keys = ()
+        for group in spec.get("tile_key", ()):
+            present = tuple(k for k in group if k in columns)
+            if present:
+                keys = present
+                break
+        if not keys and need_tile_key:
+            msg = (
+                "The cells come from several tiles but no tile key column was found "
+                f"(preset={preset!r}). Columns: {list(columns)}. Pass `tile_key=` naming the "
+                "column(s) identifying each cell's tile, e.g. `tile_key=['well', 'tile']`."
+            )
+            raise KeyError(msg)
+    return CellColumns(tile_key=keys, y_key=y_col, x_key=x_col, preset=preset)

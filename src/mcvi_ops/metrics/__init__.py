@@ -1,0 +1,17 @@
+"""Evaluation metrics: known relationships, technical covariates and gene function."""
+
+from ._covariates import derive_covariates, technical_covariates
+from ._function import function_classification, recall_difference
+from ._readers import read_gene_groups, read_gene_sets, read_relationships
+from ._relationships import known_relationships
+
+__all__ = [
+    "derive_covariates",
+    "function_classification",
+    "known_relationships",
+    "read_gene_groups",
+    "read_gene_sets",
+    "read_relationships",
+    "recall_difference",
+    "technical_covariates",
+]

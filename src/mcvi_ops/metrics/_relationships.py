@@ -1,0 +1,290 @@
+"""Recall of known gene relationships from the cosine similarity of gene embeddings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ..tl._utils import check_obs_key, get_rep, rep_label, rep_names
+from ._readers import normalize_sources
+
+logger = logging.getLogger(__name__)
+
+RelationshipSource = str | os.PathLike | pd.DataFrame | Mapping
+
+
+def condensed_index(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    """Position of pair ``(i, j)`` with ``i < j`` in the row-major upper triangle of ``n x n``."""
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    return i * n - i * (i + 1) // 2 + (j - i - 1)
+
+
+def condensed_cosine(xn: np.ndarray, *, block_elements: int = 1 << 22) -> np.ndarray:
+    """Similarities of all pairs ``i < j`` of unit rows, row-major, float32, computed in blocks.
+
+    Memory is the float32 output (4 bytes per pair) plus one block of ``block_elements`` values.
+    """
+    xn = np.ascontiguousarray(xn, dtype=np.float32)
+    n = xn.shape[0]
+    out = np.empty(n * (n - 1) // 2, dtype=np.float32)
+    rows = max(1, block_elements // max(n, 1))
+    pos = 0
+    for i0 in range(0, max(n - 1, 0), rows):
+        i1 = min(n, i0 + rows)
+        block = xn[i0:i1] @ xn[i0:].T
+        mask = np.triu(np.ones(block.shape, dtype=bool), k=1)
+        values = block[mask]
+        out[pos : pos + values.size] = values
+        pos += values.size
+    return out
+
+
+def _unit_rows(x: np.ndarray, names: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:
+    norms = np.linalg.norm(x, axis=1)
+    ok = np.isfinite(norms) & (norms > 0)
+    if not ok.all():
+        logger.warning(
+            "%s: ignoring %d genes with a zero or non-finite embedding, e.g. %s.",
+            label,
+            (~ok).sum(),
+            list(names[~ok][:5]),
+        )
+    return (x[ok] / norms[ok, None]).astype(np.float32), names[ok]
+
+
+def average_precision_sorted(
+    sorted_scores: np.ndarray, positive_scores: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Average precision and precision-recall points from sorted scores of all candidates.
+
+    Equals :func:`sklearn.metrics.average_precision_score` (ties share one threshold) without a
+    per-candidate label array or argsort: only the ascending ``sorted_scores`` of all candidates
+    and the scores of the positives are needed.
+    """
+    n_pos = positive_scores.size
+    values, counts = np.unique(positive_scores, return_counts=True)
+    values, counts = values[::-1], counts[::-1]
+    tp = np.cumsum(counts)
+    n_above = sorted_scores.size - np.searchsorted(sorted_scores, values, side="left")
+    precision = tp / n_above
+    recall = tp / n_pos
+    ap = float(np.sum(counts / n_pos * precision))
+    return ap, recall, precision
+
+
+def _thin(curve: np.ndarray, n_points: int) -> np.ndarray:
+    if curve.size <= n_points:
+        return np.arange(curve.size)
+    return np.unique(np.linspace(0, curve.size - 1, n_points).round().astype(np.int64))
+
+
+def known_relationships(
+    gene_adata: AnnData,
+    *,
+    relationships: RelationshipSource | Mapping[str, RelationshipSource] | Sequence,
+    use_rep: str | Sequence[str] | None = None,
+    percentiles: Sequence[float] = (5, 10),
+    gene_key: str | None = None,
+    control_category: str | None = "nontargeting",
+    min_pairs: int = 10,
+    n_curve_points: int = 500,
+    key_added: str = "known_relationships",
+) -> pd.DataFrame:
+    """Score how well gene embeddings recover known gene relationships.
+
+    The cosine similarity of every pair of genes is computed (in blocks, float32). For each source
+    of known relationships two views are reported:
+
+    - **average precision** of ranking gene pairs by similarity, with the annotated pairs as
+      positives and every other pair of *genes annotated in that source* as negatives (baseline:
+      the prevalence of annotated pairs among those candidate pairs), plus the precision-recall
+      curve;
+    - **recall at percentile p** ("biological cartography", Celik et al.): the fraction of
+      annotated pairs whose similarity is in the top p% or the bottom p% of the similarities of
+      all gene pairs (thresholds from ``np.quantile``; baseline: the fraction of all pairs in the
+      two tails, i.e. about ``2 p / 100``).
+
+    Parameters
+    ----------
+    gene_adata
+        Gene-level profiles, one row per gene, e.g. from :func:`mcvi_ops.tl.aggregate`.
+    relationships
+        Known relationships: a path (pair table ``entity1,entity2``, complex list or GMT; see
+        :func:`~mcvi_ops.metrics.read_relationships`), a DataFrame with columns ``entity1`` and
+        ``entity2``, a dict of gene-set name -> genes, or a dict of source name -> any of these
+        (or a list of paths) to score several sources at once.
+    use_rep
+        Key (or list of keys) of ``.obsm``; `None` uses ``.X``.
+    percentiles
+        Tail sizes p (in percent) for the recall.
+    gene_key
+        Column of ``.obs`` with gene symbols; `None` uses ``obs_names``.
+    control_category
+        Rows with this name (or ``obs["is_control"]`` true) are left out.
+    min_pairs
+        Fewest annotated pairs among the embedded genes for a source to be scored.
+    n_curve_points
+        Most points stored per precision-recall curve.
+    key_added
+        Key in ``.uns``.
+
+    Returns
+    -------
+    Tidy DataFrame, one row per representation x source x metric, with columns
+    ``representation, source, metric, value, baseline, n_genes, n_pairs, n_candidate_pairs``
+    (metrics ``average_precision`` and ``recall_{p}``). Also sets
+
+    ``gene_adata.uns[key_added][representation]``
+        ``{"metrics": <that DataFrame's rows>, "curves": {source: {"recall", "precision",
+        "baseline"}}, "thresholds": {p: (low, high)}, "params": {...}}`` (other representations
+        already stored under ``key_added`` are kept).
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> genes = mcvi_ops.tl.aggregate(adata, use_rep="X_mcvae_salient")  # doctest: +SKIP
+    >>> df = mcvi_ops.metrics.known_relationships(  # doctest: +SKIP
+    ...     genes, use_rep="X_mcvae_salient", relationships={"Reactome": "Reactome.txt"}
+    ... )
+    """
+    sources = normalize_sources(relationships)
+    percentiles = [float(p) for p in percentiles]
+    for p in percentiles:
+        if not 0 < p < 50:
+            msg = f"Each percentile must be in (0, 50), got {p}."
+            raise ValueError(msg)
+    if gene_key is None:
+        names_all = np.asarray(gene_adata.obs_names, dtype=object)
+    else:
+        names_all = check_obs_key(gene_adata, gene_key, what="gene").to_numpy(dtype=object)
+    names_all = names_all.astype(str)
+    keep = names_all != str(control_category)
+    if "is_control" in gene_adata.obs:
+        keep &= ~gene_adata.obs["is_control"].to_numpy(dtype=bool)
+    dup = pd.Index(names_all[keep]).duplicated()
+    if dup.any():
+        msg = (
+            f"Gene names must be unique; {dup.sum()} duplicates, e.g. "
+            f"{list(names_all[keep][dup][:5])}. Aggregate to gene level first with "
+            "`mcvi_ops.tl.aggregate(adata, use_rep=..., level='gene')`."
+        )
+        raise ValueError(msg)
+
+    frames = []
+    store = gene_adata.uns.get(key_added)
+    store = dict(store) if isinstance(store, Mapping) else {}
+    for rep in rep_names(use_rep):
+        label = rep_label(rep)
+        xn, names = _unit_rows(get_rep(gene_adata, rep)[keep], names_all[keep], label)
+        n = names.size
+        if n < 3:
+            msg = f"Need at least 3 genes with a non-zero embedding, got {n}."
+            raise ValueError(msg)
+        index_of = pd.Series(np.arange(n), index=names)
+        all_sims = condensed_cosine(xn)
+        probs = [p / 100 for p in percentiles] + [1 - p / 100 for p in percentiles]
+        qs = np.quantile(all_sims, probs)
+        thresholds = {
+            p: (float(qs[k]), float(qs[k + len(percentiles)])) for k, p in enumerate(percentiles)
+        }
+        tail_fraction = {
+            p: (np.count_nonzero(all_sims <= lo) + np.count_nonzero(all_sims >= hi))
+            / all_sims.size
+            for p, (lo, hi) in thresholds.items()
+        }
+        rows, curves = [], {}
+        for source, pairs in sources.items():
+            in1 = pairs["entity1"].isin(index_of.index).to_numpy()
+            in2 = pairs["entity2"].isin(index_of.index).to_numpy()
+            source_genes = np.union1d(pairs["entity1"].to_numpy(), pairs["entity2"].to_numpy())
+            present = np.intersect1d(source_genes, names)
+            if present.size < 2:
+                msg = (
+                    f"Relationship source {source!r}: {present.size} of its {source_genes.size} "
+                    f"genes are in the embedding's {n} genes (e.g. table genes "
+                    f"{list(source_genes[:3])}, embedding genes {list(names[:3])}). Check that "
+                    "rows are gene symbols (set `gene_key`) or drop this source."
+                )
+                raise ValueError(msg)
+            both = in1 & in2
+            if both.sum() < min_pairs:
+                msg = (
+                    f"Relationship source {source!r} has {both.sum()} annotated pairs among the "
+                    f"embedded genes, fewer than min_pairs={min_pairs}. Use a larger gene set, "
+                    "another source, or lower `min_pairs`."
+                )
+                raise ValueError(msg)
+            a = index_of.loc[pairs["entity1"].to_numpy()[both]].to_numpy()
+            b = index_of.loc[pairs["entity2"].to_numpy()[both]].to_numpy()
+            i, j = np.minimum(a, b), np.maximum(a, b)
+            pair_sims = all_sims[condensed_index(i, j, n)]
+            # Average precision among the genes annotated in this source.
+            sub = np.sort(index_of.loc[present].to_numpy())
+            local = pd.Series(np.arange(sub.size), index=sub)
+            li, lj = local.loc[i].to_numpy(), local.loc[j].to_numpy()
+            sub_sims = condensed_cosine(xn[sub])
+            positive_scores = sub_sims[condensed_index(li, lj, sub.size)]
+            sub_sims.sort()
+            ap, recall, precision = average_precision_sorted(sub_sims, positive_scores)
+            n_candidates = sub_sims.size
+            del sub_sims
+            base = dict(
+                representation=label,
+                source=source,
+                n_genes=int(sub.size),
+                n_pairs=int(both.sum()),
+                n_candidate_pairs=int(n_candidates),
+            )
+            prevalence = both.sum() / n_candidates
+            rows.append(
+                {**base, "metric": "average_precision", "value": ap, "baseline": prevalence}
+            )
+            for p, (lo, hi) in thresholds.items():
+                hit = (pair_sims <= lo) | (pair_sims >= hi)
+                rows.append(
+                    {
+                        **base,
+                        "metric": f"recall_{p:g}",
+                        "value": float(hit.mean()),
+                        "baseline": float(tail_fraction[p]),
+                    }
+                )
+            keep_points = _thin(recall, n_curve_points)
+            curves[source] = {
+                "recall": recall[keep_points].astype(np.float32),
+                "precision": precision[keep_points].astype(np.float32),
+                "baseline": float(prevalence),
+            }
+        del all_sims
+        columns = [
+            "representation",
+            "source",
+            "metric",
+            "value",
+            "baseline",
+            "n_genes",
+            "n_pairs",
+            "n_candidate_pairs",
+        ]
+        frame = pd.DataFrame(rows, columns=columns)
+        frames.append(frame)
+        store[label] = {
+            "metrics": frame,
+            "curves": curves,
+            "thresholds": {f"{p:g}": np.asarray(t) for p, t in thresholds.items()},
+            "params": {
+                "sources": list(sources),
+                "percentiles": percentiles,
+                "min_pairs": min_pairs,
+                "n_genes": int(n),
+            },
+        }
+        logger.info("known_relationships(%s): %d genes, %d sources.", label, n, len(sources))
+    gene_adata.uns[key_added] = store
+    return pd.concat(frames, ignore_index=True)

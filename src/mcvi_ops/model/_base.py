@@ -1,0 +1,266 @@
+"""Shared machinery of the image models: set-up, data loading, training defaults, inference."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from mcvi_ops._constants import BATCH_KEY, CONTROL_CODE, IMAGE_KEY, PERTURBATION_KEY
+from mcvi_ops.data._fields import ImageField, PerturbationField
+from mcvi_ops.data._link import UNS_KEY, crop_reference, linked_store
+from mcvi_ops.data._loader import CropDataLoader, CropDataSplitter
+
+logger = logging.getLogger(__name__)
+
+#: cells seen (summed over epochs) that the default number of epochs aims for
+_TARGET_CELLS_SEEN = 200_000
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """Default number of epochs: about 200k cells seen, between 2 and 40 epochs.
+
+    Large screens need few passes (the paper trained 2 epochs of 31M cells); small ones more.
+    """
+    return int(np.clip(math.ceil(_TARGET_CELLS_SEEN / max(n_cells, 1)), 2, 40))
+
+
+class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
+    """Base class of models on image crops linked to AnnData rows (not used directly)."""
+
+    _data_splitter_cls = CropDataSplitter
+    _balanced_training = True
+
+    # --- set-up ---------------------------------------------------------------------------
+    @classmethod
+    def _register(
+        cls,
+        adata: AnnData,
+        *,
+        perturbation_key: str,
+        control_category: str,
+        batch_key: str | None,
+        uns_key: str,
+        setup_method_args: dict,
+        **kwargs,
+    ) -> None:
+        reference = crop_reference(adata, uns_key=uns_key)
+        fields = [
+            ImageField(IMAGE_KEY, index_key=reference["index_key"], uns_key=uns_key),
+            PerturbationField(
+                PERTURBATION_KEY, perturbation_key, control_category=control_category
+            ),
+        ]
+        if batch_key is not None:
+            if batch_key not in adata.obs:
+                msg = (
+                    f"Batch column {batch_key!r} not found in adata.obs. Pass an existing column "
+                    "(e.g. one combining plate and well) or `batch_key=None`."
+                )
+                raise KeyError(msg)
+            fields.append(CategoricalObsField(BATCH_KEY, batch_key))
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    def _image_layout(self) -> tuple[int, tuple[int, int], int, int]:
+        stats = self.summary_stats
+        n_batch = int(stats.get("n_batch", 0)) if BATCH_KEY in self.adata_manager.data_registry else 0
+        return (
+            int(stats["n_channels"]),
+            (int(stats["crop_height"]), int(stats["crop_width"])),
+            int(stats["n_perturbation"]),
+            n_batch,
+        )
+
+    def _fit_input_transform(self, *, max_cells: int = 2_000, seed: int = 0) -> None:
+        """Fit the arcsinh/scaling statistics of the module's input transform on control cells."""
+        codes = self.adata_manager.get_from_registry(PERTURBATION_KEY).reshape(-1)
+        controls = np.flatnonzero(codes == CONTROL_CODE)
+        rng = np.random.default_rng(seed)
+        if len(controls) > max_cells:
+            controls = np.sort(rng.choice(controls, max_cells, replace=False))
+        crop_index = self.adata_manager.get_from_registry(IMAGE_KEY).reshape(-1)
+        store = linked_store(self.adata, uns_key=self._uns_key())
+        self.module.transform.fit(store.take(crop_index[controls]))
+
+    def _uns_key(self) -> str:
+        return self.adata_manager.registry["setup_args"].get("uns_key", UNS_KEY)
+
+    # --- data loading ---------------------------------------------------------------------
+    def _make_data_loader(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        **kwargs,
+    ) -> CropDataLoader:
+        adata = self._validate_anndata(adata, extend_categories=True)
+        manager = self.get_anndata_manager(adata)
+        if indices is None:
+            indices = np.arange(adata.n_obs)
+        return CropDataLoader(
+            manager,
+            indices=np.asarray(indices),
+            batch_size=batch_size or 256,
+            shuffle=shuffle,
+            balanced=False,
+            **kwargs,
+        )
+
+    def _validate_anndata(
+        self, adata: AnnData | None = None, copy_if_view: bool = True, extend_categories=False
+    ) -> AnnData:
+        if adata is None:
+            return super()._validate_anndata(None, copy_if_view=copy_if_view)
+        # query data may hold perturbations the model never saw; encoders do not need them
+        return super()._validate_anndata(
+            adata, copy_if_view=copy_if_view, extend_categories=True
+        )
+
+    # --- training -------------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 5,
+        n_epochs_kl_warmup: int | None = None,
+        n_steps_kl_warmup: int | None = None,
+        gradient_clip_val: float | None = 10.0,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        precision: str | int | None = None,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        num_workers: int = 0,
+        window_chunks: int = 8,
+        datasplitter_kwargs: dict | None = None,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs: Any,
+    ):
+        """Train the model on balanced minibatches read chunk-wise from the crop store.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the perturbed cells. Default: about 200,000 cells seen, between 2 and 40
+            epochs (:func:`~mcvi_ops.model.default_max_epochs`).
+        batch_size
+            Cells per minibatch, half controls and half perturbed cells (must be even).
+        lr
+            Adam learning rate.
+        weight_decay
+            Adam weight decay.
+        early_stopping
+            Stop when the validation loss has not improved for ``early_stopping_patience`` epochs
+            (disabled under DDP by scvi-tools).
+        early_stopping_patience
+            Epochs without improvement before stopping.
+        n_epochs_kl_warmup
+            Epochs over which the KL weight grows linearly from 0 to 1. Default: a third of
+            ``max_epochs`` (ignored when ``n_steps_kl_warmup`` is given).
+        n_steps_kl_warmup
+            Minibatches over which the KL weight grows, instead of epochs.
+        gradient_clip_val
+            Clip the gradient norm to this value (`None`: no clipping).
+        accelerator
+            ``"auto"``, ``"cpu"``, ``"gpu"``, ...
+        devices
+            Devices to use; with ``strategy="ddp"`` each rank trains on its own shard of both
+            control and perturbed cells.
+        precision
+            Lightning precision, e.g. ``"bf16-mixed"`` on recent GPUs.
+        train_size
+            Fraction of cells (controls and perturbed alike) used for training.
+        validation_size
+            Fraction used for validation (default: the rest).
+        num_workers
+            Data-loader worker processes.
+        window_chunks
+            Store chunks shuffled together; larger mixes better, smaller reads more sequentially.
+        datasplitter_kwargs
+            More arguments of :class:`~mcvi_ops.data.CropDataSplitter`.
+        plan_kwargs
+            More arguments of :class:`scvi.train.TrainingPlan`.
+        **trainer_kwargs
+            More arguments of :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`
+            (e.g. ``strategy="ddp"``).
+
+        Returns
+        -------
+        Nothing; training curves are in ``model.history``.
+        """
+        if batch_size < 2 or (self._balanced_training and batch_size % 2):
+            msg = (
+                f"`batch_size` must be an even number >= 2 (half controls, half perturbed cells), "
+                f"got {batch_size}."
+            )
+            raise ValueError(msg)
+        if max_epochs is None:
+            max_epochs = default_max_epochs(self.adata.n_obs)
+        if n_epochs_kl_warmup is None and n_steps_kl_warmup is None:
+            n_epochs_kl_warmup = max(1, max_epochs // 3)
+        plan = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            "n_steps_kl_warmup": n_steps_kl_warmup,
+            **(plan_kwargs or {}),
+        }
+        splitter = {
+            "balanced": self._balanced_training,
+            "num_workers": num_workers,
+            "window_chunks": window_chunks,
+            **(datasplitter_kwargs or {}),
+        }
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
+        # our batch sampler shards per rank itself; Lightning must not replace it
+        trainer_kwargs.setdefault("use_distributed_sampler", False)
+        if gradient_clip_val is not None:
+            trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
+        if precision is not None:
+            trainer_kwargs["precision"] = precision
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            datasplitter_kwargs=splitter,
+            plan_kwargs=plan,
+            **trainer_kwargs,
+        )
+
+    # --- inference helpers ----------------------------------------------------------------
+    def _iterate(
+        self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        self._check_if_trained(warn=True)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        yield from loader
+
+    def _to_images(self, transformed: torch.Tensor, inverse_transform: bool) -> np.ndarray:
+        out = self.module.transform.inverse(transformed) if inverse_transform else transformed
+        return out.float().cpu().numpy()
+
+    @staticmethod
+    def _write_obsm(adata: AnnData, key: str, values: np.ndarray) -> None:
+        adata.obsm[key] = values
+        logger.info("Wrote adata.obsm[%r] (%d x %d)", key, *values.shape)

@@ -1,0 +1,350 @@
+"""The Multi-Contrastive VAE model: AnnData in, arrays and DataFrames out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi.utils import setup_anndata_dsp
+
+from mcvi_ops._constants import BATCH_KEY, PERTURBATION_KEY
+from mcvi_ops.data._link import UNS_KEY
+from mcvi_ops.module import MultiContrastiveVAE
+
+from ._base import BaseImageModel
+
+logger = logging.getLogger(__name__)
+
+LatentKind = Literal["salient", "background", "both"]
+_OBSM_KEYS = {"salient": "X_mcvae_salient", "background": "X_mcvae_background", "both": "X_mcvae"}
+
+
+class MCVAE(BaseImageModel):
+    """Multi-Contrastive VAE for optical pooled screens (Wang, Lopez, ..., Regev, 2024).
+
+    Two convolutional encoders split each cell crop into a *background* latent ``z`` (variation
+    control cells show too: cell cycle, size, technical artefacts) and a *salient* latent ``s``
+    (variation only perturbations cause). Each perturbation has learned prior means for ``z``
+    and ``s``; control cells are decoded with ``s = 0`` and their ``q(s | x)`` is pulled to 0.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_salient_latent
+        Dimension of the salient latent ``s``.
+    n_background_latent
+        Dimension of the background latent ``z``.
+    prior
+        Which latents get learned per-perturbation prior means: ``"both"`` (the mcVAE),
+        ``"salient"``, ``"background"``, or ``"none"`` (the contrastive VAE, cVAE).
+    wasserstein_penalty
+        Weight of the penalty ``||mu_s||^2 + sum(sigma_s^2)`` on control cells.
+    **module_kwargs
+        More arguments of :class:`~mcvi_ops.module.MultiContrastiveVAE` (filters, likelihood
+        scale, arcsinh cofactor, custom encoder/decoder networks).
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=2_000, seed=0)
+    >>> mcvi_ops.MCVAE.setup_anndata(
+    ...     adata, perturbation_key="gene_symbol", control_category="nontargeting"
+    ... )
+    >>> model = mcvi_ops.MCVAE(adata)
+    >>> model.train(max_epochs=1)
+    >>> salient = model.get_latent_representation(kind="salient", add_to_obsm=True)
+    >>> adata.obsm["X_mcvae_salient"].shape
+    (2000, 32)
+    """
+
+    _module_cls = MultiContrastiveVAE
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_salient_latent: int = 32,
+        n_background_latent: int = 32,
+        prior: Literal["both", "salient", "background", "none"] = "both",
+        wasserstein_penalty: float = 1.0,
+        **module_kwargs,
+    ) -> None:
+        super().__init__(adata)
+        if prior not in ("both", "salient", "background", "none"):
+            msg = (
+                f"`prior` must be one of 'both', 'salient', 'background' or 'none', got {prior!r}."
+            )
+            raise ValueError(msg)
+        n_channels, crop_size, n_perturbations, n_batch = self._image_layout()
+        self.module = self._module_cls(
+            n_channels,
+            crop_size,
+            n_perturbations,
+            n_batch=n_batch,
+            n_salient_latent=n_salient_latent,
+            n_background_latent=n_background_latent,
+            prior=prior,
+            wasserstein_penalty=wasserstein_penalty,
+            **module_kwargs,
+        )
+        self._fit_input_transform()
+        name = {"both": "mcVAE", "none": "cVAE"}.get(prior, f"mcVAE (prior on {prior} only)")
+        self._model_summary_string = (
+            f"{name}: {n_channels} channels, {crop_size[0]}x{crop_size[1]} px crops, "
+            f"{n_perturbations - 1} perturbations + control, salient {n_salient_latent}-d, "
+            f"background {n_background_latent}-d, batch covariate: {n_batch > 0}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        perturbation_key: str,
+        control_category: str = "nontargeting",
+        *,
+        batch_key: str | None = None,
+        uns_key: str = UNS_KEY,
+        **kwargs,
+    ) -> None:
+        """Register the crops, the perturbations and an optional batch covariate.
+
+        Parameters
+        ----------
+        adata
+            Cells linked to their crops with :func:`~mcvi_ops.data.link_crops`.
+        perturbation_key
+            Column of ``adata.obs`` naming each cell's perturbation (gene or guide).
+        control_category
+            The category of control cells; it always gets code 0.
+        batch_key
+            Optional column of a technical batch (e.g. plate and well), fed to the decoder only.
+        uns_key
+            Key of the crop-store reference in ``adata.uns``.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        cls._register(
+            adata,
+            perturbation_key=perturbation_key,
+            control_category=control_category,
+            batch_key=batch_key,
+            uns_key=uns_key,
+            setup_method_args=setup_method_args,
+            **kwargs,
+        )
+
+    # --- outputs --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        kind: LatentKind = "both",
+        batch_size: int | None = None,
+        add_to_obsm: bool = False,
+    ) -> np.ndarray:
+        """Posterior means of the salient and/or background latents.
+
+        Parameters
+        ----------
+        adata
+            AnnData with crops of the same channels and size (default: the training data).
+        indices
+            Rows of ``adata`` to embed (default: all).
+        kind
+            ``"salient"`` (``s``), ``"background"`` (``z``) or ``"both"`` (``s`` then ``z``).
+        batch_size
+            Cells per minibatch.
+        add_to_obsm
+            Also write the result to ``adata.obsm`` (all rows only).
+
+        Returns
+        -------
+        Array of shape ``(n_cells, n_latent)``. With ``add_to_obsm=True`` also sets
+        ``adata.obsm["X_mcvae_salient"]``, ``adata.obsm["X_mcvae_background"]`` or
+        ``adata.obsm["X_mcvae"]`` (salient then background columns).
+        """
+        if kind not in _OBSM_KEYS:
+            msg = f"`kind` must be 'salient', 'background' or 'both', got {kind!r}."
+            raise ValueError(msg)
+        if add_to_obsm and indices is not None:
+            msg = "`add_to_obsm=True` embeds every row; drop `indices` or write the result yourself."
+            raise ValueError(msg)
+        self.module.eval()
+        salient, background = [], []
+        for tensors in self._iterate(adata, indices, batch_size):
+            out = self.module.inference(tensors["X"], tensors[PERTURBATION_KEY])
+            salient.append(out["qs"].loc.float().cpu())
+            background.append(out["qz"].loc.float().cpu())
+        parts = {
+            "salient": [torch.cat(salient)],
+            "background": [torch.cat(background)],
+            "both": [torch.cat(salient), torch.cat(background)],
+        }[kind]
+        latent = torch.cat(parts, dim=1).numpy()
+        if add_to_obsm:
+            target = self.adata if adata is None else adata
+            self._write_obsm(target, _OBSM_KEYS[kind], latent)
+        return latent
+
+    def get_perturbation_priors(self) -> pd.DataFrame:
+        """The learned prior means of each perturbation.
+
+        Returns
+        -------
+        DataFrame indexed by perturbation (control first) with columns ``background_0..`` and
+        ``salient_0..``. Latents without a learned prior (``prior`` option) are all 0; the control's
+        background mean is fixed at 0 and its salient latent is 0 by construction.
+        """
+        categories = self.adata_manager.get_state_registry(PERTURBATION_KEY).categorical_mapping
+        codes = torch.arange(len(categories), device=self.module.device)
+        with torch.inference_mode():
+            mean_z, mean_s = self.module.prior_means(codes)
+        columns = [f"background_{i}" for i in range(mean_z.shape[1])]
+        columns += [f"salient_{i}" for i in range(mean_s.shape[1])]
+        values = torch.cat([mean_z, mean_s], dim=1).float().cpu().numpy()
+        frame = pd.DataFrame(values, index=pd.Index(list(categories), name="perturbation"))
+        frame.columns = columns
+        return frame
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        background: np.ndarray,
+        salient: np.ndarray,
+        *,
+        batch: Sequence[str] | None = None,
+        inverse_transform: bool = False,
+    ) -> np.ndarray:
+        """Decode latent codes to images.
+
+        Parameters
+        ----------
+        background
+            Background codes ``z``, shape (n, n_background_latent).
+        salient
+            Salient codes ``s``, shape (n, n_salient_latent); zeros decode as a control cell.
+        batch
+            Batch category of each code (needed when set up with ``batch_key``).
+        inverse_transform
+            Return raw-intensity images instead of the model's [-1, 1] scale.
+
+        Returns
+        -------
+        Images of shape (n, n_channels, height, width).
+        """
+        z = torch.as_tensor(np.asarray(background), dtype=torch.float32, device=self.module.device)
+        s = torch.as_tensor(np.asarray(salient), dtype=torch.float32, device=self.module.device)
+        if z.ndim != 2 or s.ndim != 2 or len(z) != len(s):
+            msg = (
+                f"`background` and `salient` must be 2-D with the same number of rows, got shapes "
+                f"{tuple(z.shape)} and {tuple(s.shape)}."
+            )
+            raise ValueError(msg)
+        if z.shape[1] != self.module.n_background_latent or s.shape[1] != self.module.n_salient_latent:
+            msg = (
+                f"Expected {self.module.n_background_latent} background and "
+                f"{self.module.n_salient_latent} salient dimensions, got {z.shape[1]} and {s.shape[1]}."
+            )
+            raise ValueError(msg)
+        self.module.eval()
+        batch_index = self._batch_codes(batch, len(z))
+        images = self.module.generative(z, s, batch_index)["px_mean"]
+        return self._to_images(images, inverse_transform)
+
+    def decode_priors(
+        self,
+        perturbations: Sequence[str] | None = None,
+        *,
+        batch: str | None = None,
+        inverse_transform: bool = False,
+    ) -> np.ndarray:
+        """Images decoded from perturbations' prior means: what each prior 'looks like'.
+
+        Parameters
+        ----------
+        perturbations
+            Perturbation categories (default: all, control first).
+        batch
+            Batch category to decode with (needed when set up with ``batch_key``).
+        inverse_transform
+            Return raw-intensity images instead of the model's [-1, 1] scale.
+
+        Returns
+        -------
+        Images of shape (n_perturbations, n_channels, height, width).
+        """
+        priors = self.get_perturbation_priors()
+        if perturbations is not None:
+            missing = [p for p in perturbations if p not in priors.index]
+            if missing:
+                msg = f"Perturbations {missing[:5]} are not among the model's categories."
+                raise KeyError(msg)
+            priors = priors.loc[list(perturbations)]
+        background = priors.filter(like="background_").to_numpy()
+        salient = priors.filter(like="salient_").to_numpy()
+        batches = None if batch is None else [batch] * len(priors)
+        return self.decode(background, salient, batch=batches, inverse_transform=inverse_transform)
+
+    @torch.inference_mode()
+    def get_reconstruction(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_size: int | None = None,
+        inverse_transform: bool = False,
+    ) -> np.ndarray:
+        """Reconstructions of crops from their posterior means (controls with ``s = 0``).
+
+        Parameters
+        ----------
+        adata
+            AnnData with crops of the same channels and size (default: the training data).
+        indices
+            Rows of ``adata`` (default: all).
+        batch_size
+            Cells per minibatch.
+        inverse_transform
+            Return raw-intensity images instead of the model's [-1, 1] scale.
+
+        Returns
+        -------
+        Images of shape (n_cells, n_channels, height, width).
+        """
+        self.module.eval()
+        images = []
+        for tensors in self._iterate(adata, indices, batch_size):
+            out = self.module.inference(tensors["X"], tensors[PERTURBATION_KEY])
+            perturbed = (tensors[PERTURBATION_KEY].reshape(-1) != 0).unsqueeze(-1)
+            s = out["qs"].loc * perturbed.to(out["qs"].loc)
+            gen = self.module.generative(out["qz"].loc, s, tensors.get(BATCH_KEY))
+            images.append(self._to_images(gen["px_mean"], inverse_transform))
+        return np.concatenate(images)
+
+    def _batch_codes(self, batch: Sequence[str] | None, n: int) -> torch.Tensor | None:
+        if self.module.n_batch == 0:
+            return None
+        if batch is None:
+            msg = "The model was set up with `batch_key`; pass `batch=` with one category per code."
+            raise ValueError(msg)
+        mapping = list(self.adata_manager.get_state_registry(BATCH_KEY).categorical_mapping)
+        unknown = [b for b in batch if b not in mapping]
+        if unknown or len(batch) != n:
+            msg = (
+                f"`batch` must list {n} categories out of {mapping[:5]}..., got {len(batch)} "
+                f"values{f' including unknown {unknown[:3]}' if unknown else ''}."
+            )
+            raise ValueError(msg)
+        codes = [mapping.index(b) for b in batch]
+        return torch.as_tensor(codes, device=self.module.device).unsqueeze(-1)

@@ -1,0 +1,160 @@
+"""The standard VAE baseline on image crops."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scvi.utils import setup_anndata_dsp
+
+from mcvi_ops.data._link import UNS_KEY
+from mcvi_ops.module import ImageVAE
+
+from ._base import BaseImageModel
+
+logger = logging.getLogger(__name__)
+
+
+class VAE(BaseImageModel):
+    """A standard VAE on cell crops: one encoder, one latent with a N(0, I) prior.
+
+    The baseline of the Multi-Contrastive VAE paper; it mixes perturbation effects with natural
+    and technical variation. Same API as :class:`~mcvi_ops.MCVAE`.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_latent
+        Dimension of the latent space.
+    **module_kwargs
+        More arguments of :class:`~mcvi_ops.module.ImageVAE`.
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=2_000, seed=0)
+    >>> mcvi_ops.VAE.setup_anndata(adata, perturbation_key="gene_symbol")
+    >>> model = mcvi_ops.VAE(adata)
+    >>> model.train(max_epochs=1)
+    >>> latent = model.get_latent_representation(add_to_obsm=True)
+    >>> adata.obsm["X_vae"].shape
+    (2000, 64)
+    """
+
+    _module_cls = ImageVAE
+    _balanced_training = False
+
+    def __init__(self, adata: AnnData | None = None, *, n_latent: int = 64, **module_kwargs) -> None:
+        super().__init__(adata)
+        n_channels, crop_size, _, n_batch = self._image_layout()
+        self.module = self._module_cls(
+            n_channels, crop_size, n_batch=n_batch, n_latent=n_latent, **module_kwargs
+        )
+        self._fit_input_transform()
+        self._model_summary_string = (
+            f"VAE: {n_channels} channels, {crop_size[0]}x{crop_size[1]} px crops, "
+            f"{n_latent}-d latent, batch covariate: {n_batch > 0}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        perturbation_key: str,
+        control_category: str = "nontargeting",
+        *,
+        batch_key: str | None = None,
+        uns_key: str = UNS_KEY,
+        **kwargs,
+    ) -> None:
+        """Register the crops, the perturbations and an optional batch covariate.
+
+        Parameters
+        ----------
+        adata
+            Cells linked to their crops with :func:`~mcvi_ops.data.link_crops`.
+        perturbation_key
+            Column of ``adata.obs`` naming each cell's perturbation.
+        control_category
+            The category of control cells.
+        batch_key
+            Optional column of a technical batch, fed to the decoder only.
+        uns_key
+            Key of the crop-store reference in ``adata.uns``.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        cls._register(
+            adata,
+            perturbation_key=perturbation_key,
+            control_category=control_category,
+            batch_key=batch_key,
+            uns_key=uns_key,
+            setup_method_args=setup_method_args,
+            **kwargs,
+        )
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_size: int | None = None,
+        add_to_obsm: bool = False,
+    ) -> np.ndarray:
+        """Posterior means of the latent.
+
+        Parameters
+        ----------
+        adata
+            AnnData with crops of the same channels and size (default: the training data).
+        indices
+            Rows of ``adata`` to embed (default: all).
+        batch_size
+            Cells per minibatch.
+        add_to_obsm
+            Also write the result to ``adata.obsm["X_vae"]`` (all rows only).
+
+        Returns
+        -------
+        Array of shape ``(n_cells, n_latent)``; with ``add_to_obsm=True`` also sets
+        ``adata.obsm["X_vae"]``.
+        """
+        if add_to_obsm and indices is not None:
+            msg = "`add_to_obsm=True` embeds every row; drop `indices` or write the result yourself."
+            raise ValueError(msg)
+        self.module.eval()
+        latent = [
+            self.module.inference(tensors["X"])["qz"].loc.float().cpu()
+            for tensors in self._iterate(adata, indices, batch_size)
+        ]
+        values = torch.cat(latent).numpy()
+        if add_to_obsm:
+            self._write_obsm(self.adata if adata is None else adata, "X_vae", values)
+        return values
+
+    @torch.inference_mode()
+    def get_reconstruction(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_size: int | None = None,
+        inverse_transform: bool = False,
+    ) -> np.ndarray:
+        """Reconstructions of crops from their posterior means, shape (n, C, H, W)."""
+        self.module.eval()
+        images = []
+        for tensors in self._iterate(adata, indices, batch_size):
+            qz = self.module.inference(tensors["X"])["qz"]
+            gen = self.module.generative(qz.loc, tensors.get("batch"))
+            images.append(self._to_images(gen["px_mean"], inverse_transform))
+        return np.concatenate(images)

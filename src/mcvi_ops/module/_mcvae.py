@@ -1,0 +1,270 @@
+"""The Multi-Contrastive VAE module: tensors in, LossOutput out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+from mcvi_ops.nn import ConvDecoder, ConvEncoder
+
+from mcvi_ops._constants import BATCH_KEY, CONTROL_CODE, PERTURBATION_KEY, X_KEY
+from ._transform import CropTransform
+
+PriorKind = Literal["both", "salient", "background", "none"]
+
+
+class GaussianImageLikelihood(nn.Module):
+    """Per-pixel Gaussian with a learned per-channel scale, bounded below by ``min_scale``."""
+
+    def __init__(self, n_channels: int, *, scale_init: float, min_scale: float) -> None:
+        super().__init__()
+        self.min_scale = float(min_scale)
+        offset = max(scale_init - min_scale, 1e-4)
+        self.raw_scale = nn.Parameter(torch.full((n_channels, 1, 1), float(torch.log(torch.expm1(torch.tensor(offset))))))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Per-channel standard deviation, shape (C, 1, 1)."""
+        return F.softplus(self.raw_scale) + self.min_scale
+
+    def forward(self, mean: torch.Tensor) -> Normal:
+        """The likelihood ``p(x | mean)``."""
+        return Normal(mean, self.scale.to(mean.dtype).expand_as(mean))
+
+
+class MultiContrastiveVAE(BaseModuleClass):
+    """Multi-Contrastive VAE for image crops of perturbed and control cells.
+
+    Two convolutional encoders give the background latent ``z`` and the salient latent ``s``; one
+    decoder rebuilds the crop from ``(z, s)`` (and an optional batch one-hot). Control cells are
+    decoded with ``s = 0``, get no KL term on ``s`` and a Wasserstein penalty
+    ``||mu_s||^2 + sum(sigma_s^2)`` pulling ``q(s | x)`` to a point mass at 0. Perturbed cells have
+    priors ``N(mu_z[g], I)`` and ``N(mu_s[g], I)`` with learned per-perturbation means; controls'
+    ``z`` prior mean is fixed at 0.
+
+    Parameters
+    ----------
+    n_channels
+        Channels of the crops.
+    crop_size
+        Height and width of the crops.
+    n_perturbations
+        Number of perturbation categories, the control category (code 0) included.
+    n_batch
+        Number of batch categories fed to the decoder (0: none).
+    n_salient_latent
+        Dimension of ``s``.
+    n_background_latent
+        Dimension of ``z``.
+    prior
+        Which latents get learned per-perturbation prior means: ``"both"`` (mcVAE),
+        ``"salient"``, ``"background"`` or ``"none"`` (the contrastive VAE).
+    wasserstein_penalty
+        Weight of the Wasserstein penalty on controls' ``q(s | x)``.
+    encoder_filters
+        Channels of the five encoder convolutions.
+    decoder_filters
+        Channels of the five decoder transposed convolutions.
+    likelihood_scale
+        Initial per-pixel standard deviation of the Gaussian likelihood (on the [-1, 1] scale).
+    min_likelihood_scale
+        Lower bound on that standard deviation.
+    arcsinh_cofactor
+        Cofactor of the arcsinh input transform.
+    background_encoder, salient_encoder, decoder
+        Networks to use instead of the default convolutional ones (same call signatures as
+        :class:`~mcvi_ops.nn.ConvEncoder` and :class:`~mcvi_ops.nn.ConvDecoder`).
+    """
+
+    def __init__(
+        self,
+        n_channels: int,
+        crop_size: tuple[int, int],
+        n_perturbations: int,
+        *,
+        n_batch: int = 0,
+        n_salient_latent: int = 32,
+        n_background_latent: int = 32,
+        prior: PriorKind = "both",
+        wasserstein_penalty: float = 1.0,
+        encoder_filters: Sequence[int] = (16, 32, 64, 128, 128),
+        decoder_filters: Sequence[int] = (128, 128, 64, 32, 16),
+        likelihood_scale: float = 0.1,
+        min_likelihood_scale: float = 0.02,
+        arcsinh_cofactor: float = 1.0,
+        background_encoder: nn.Module | None = None,
+        salient_encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_channels = n_channels
+        self.crop_size = tuple(int(s) for s in crop_size)
+        self.n_perturbations = n_perturbations
+        self.n_batch = n_batch
+        self.n_salient_latent = n_salient_latent
+        self.n_background_latent = n_background_latent
+        self.prior = prior
+        self.wasserstein_penalty = wasserstein_penalty
+        self.transform = CropTransform(n_channels, cofactor=arcsinh_cofactor)
+        self.background_encoder = background_encoder or ConvEncoder(
+            n_channels, n_background_latent, crop_size=self.crop_size, n_filters=encoder_filters
+        )
+        self.salient_encoder = salient_encoder or ConvEncoder(
+            n_channels, n_salient_latent, crop_size=self.crop_size, n_filters=encoder_filters
+        )
+        self.decoder = decoder or ConvDecoder(
+            n_background_latent + n_salient_latent + n_batch,
+            n_channels,
+            crop_size=self.crop_size,
+            n_filters=decoder_filters,
+        )
+        self.likelihood = GaussianImageLikelihood(
+            n_channels, scale_init=likelihood_scale, min_scale=min_likelihood_scale
+        )
+        # learned prior means; row 0 (controls) of the background table is masked to 0
+        self.background_prior_mean = (
+            nn.Embedding(n_perturbations, n_background_latent)
+            if prior in ("both", "background")
+            else None
+        )
+        self.salient_prior_mean = (
+            nn.Embedding(n_perturbations, n_salient_latent)
+            if prior in ("both", "salient")
+            else None
+        )
+        for table in (self.background_prior_mean, self.salient_prior_mean):
+            if table is not None:
+                nn.init.zeros_(table.weight)
+
+    # --- priors ---------------------------------------------------------------------------
+    def prior_means(self, perturbation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prior means of ``z`` and ``s`` for perturbation codes of shape (B,) or (B, 1)."""
+        codes = perturbation.reshape(-1).long()
+        perturbed = (codes != CONTROL_CODE).unsqueeze(-1).float()
+        shape_z = (codes.shape[0], self.n_background_latent)
+        shape_s = (codes.shape[0], self.n_salient_latent)
+        device = codes.device
+        mean_z = (
+            self.background_prior_mean(codes) * perturbed
+            if self.background_prior_mean is not None
+            else torch.zeros(shape_z, device=device)
+        )
+        mean_s = (
+            self.salient_prior_mean(codes) * perturbed
+            if self.salient_prior_mean is not None
+            else torch.zeros(shape_s, device=device)
+        )
+        return mean_z, mean_s
+
+    # --- scvi-tools module contract -------------------------------------------------------
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"x": tensors[X_KEY], "perturbation": tensors[PERTURBATION_KEY]}
+
+    def _get_generative_input(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: dict
+    ) -> dict[str, torch.Tensor | None]:
+        return {
+            "z": inference_outputs["z"],
+            "s": inference_outputs["s"],
+            "batch_index": tensors.get(BATCH_KEY),
+        }
+
+    @auto_move_data
+    def inference(
+        self, x: torch.Tensor, perturbation: torch.Tensor, n_samples: int = 1
+    ) -> dict[str, torch.Tensor | Normal]:
+        """Posteriors of ``z`` and ``s``; ``s`` of control cells is set to exactly 0."""
+        x_transformed = self.transform(x)
+        qz = self.background_encoder(x_transformed)
+        qs = self.salient_encoder(x_transformed)
+        if n_samples > 1:
+            z, s = qz.rsample((n_samples,)), qs.rsample((n_samples,))
+        else:
+            z, s = qz.rsample(), qs.rsample()
+        perturbed = (perturbation.reshape(-1) != CONTROL_CODE).unsqueeze(-1).to(s.dtype)
+        return {"qz": qz, "qs": qs, "z": z, "s": s * perturbed, "x_transformed": x_transformed}
+
+    def _decoder_input(
+        self, z: torch.Tensor, s: torch.Tensor, batch_index: torch.Tensor | None
+    ) -> torch.Tensor:
+        parts = [z, s]
+        if self.n_batch > 0:
+            if batch_index is None:
+                msg = "This module was built with a batch covariate; pass `batch_index`."
+                raise ValueError(msg)
+            one_hot = F.one_hot(batch_index.reshape(-1).long(), self.n_batch).to(z.dtype)
+            parts.append(one_hot.expand(*z.shape[:-1], self.n_batch))
+        return torch.cat(parts, dim=-1)
+
+    @auto_move_data
+    def generative(
+        self, z: torch.Tensor, s: torch.Tensor, batch_index: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | Normal]:
+        """The likelihood of the (transformed) crop given ``z`` and ``s``."""
+        latent = self._decoder_input(z, s, batch_index)
+        lead = latent.shape[:-1]
+        mean = self.decoder(latent.reshape(-1, latent.shape[-1]))
+        mean = mean.reshape(*lead, *mean.shape[1:])
+        return {"px": self.likelihood(mean), "px_mean": mean}
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        """ELBO with KL warm-up, plus the Wasserstein penalty on controls' salient posterior."""
+        x = inference_outputs["x_transformed"]
+        qz, qs = inference_outputs["qz"], inference_outputs["qs"]
+        perturbation = tensors[PERTURBATION_KEY].reshape(-1)
+        is_control = (perturbation == CONTROL_CODE).float()
+        reconstruction = -generative_outputs["px"].log_prob(x).sum(dim=(-3, -2, -1))
+        mean_z, mean_s = self.prior_means(perturbation)
+        kl_z = kl_divergence(qz, Normal(mean_z, torch.ones_like(mean_z))).sum(-1)
+        kl_s = kl_divergence(qs, Normal(mean_s, torch.ones_like(mean_s))).sum(-1)
+        kl_s = kl_s * (1.0 - is_control)
+        wasserstein = (qs.loc.pow(2) + qs.scale.pow(2)).sum(-1) * is_control
+        loss = torch.mean(
+            reconstruction + kl_weight * (kl_z + kl_s) + self.wasserstein_penalty * wasserstein
+        )
+        n_control = is_control.sum().clamp(min=1.0)
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction,
+            kl_local={"kl_background": kl_z, "kl_salient": kl_s},
+            extra_metrics={
+                "wasserstein_control": wasserstein.sum() / n_control,
+                "likelihood_scale": self.likelihood.scale.mean().detach(),
+            },
+        )
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        perturbation: torch.Tensor,
+        *,
+        n_samples: int = 1,
+        batch_index: torch.Tensor | None = None,
+        use_prior_mean: bool = False,
+    ) -> torch.Tensor:
+        """Decode draws from the prior of each given perturbation, on the [-1, 1] scale.
+
+        Returns a tensor of shape (n_samples, B, C, H, W).
+        """
+        mean_z, mean_s = self.prior_means(perturbation.to(self.device))
+        if use_prior_mean:
+            z = mean_z.expand(n_samples, *mean_z.shape)
+            s = mean_s.expand(n_samples, *mean_s.shape)
+        else:
+            z = Normal(mean_z, 1.0).sample((n_samples,))
+            s = Normal(mean_s, 1.0).sample((n_samples,))
+        perturbed = (perturbation.reshape(-1).to(self.device) != CONTROL_CODE).unsqueeze(-1)
+        s = s * perturbed.to(s.dtype)
+        return self.generative(z, s, batch_index)["px_mean"]

@@ -1,0 +1,123 @@
+"""Standard VAE baseline on image crops: one encoder, one N(0, I) latent."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+from mcvi_ops._constants import BATCH_KEY, X_KEY
+from mcvi_ops.nn import ConvDecoder, ConvEncoder
+
+from ._mcvae import GaussianImageLikelihood
+from ._transform import CropTransform
+
+
+class ImageVAE(BaseModuleClass):
+    """A standard VAE on crops: ``q(z | x)``, ``p(z) = N(0, I)``, Gaussian pixel likelihood.
+
+    Parameters
+    ----------
+    n_channels
+        Channels of the crops.
+    crop_size
+        Height and width of the crops.
+    n_batch
+        Number of batch categories fed to the decoder (0: none).
+    n_latent
+        Dimension of the latent space.
+    encoder_filters, decoder_filters, likelihood_scale, min_likelihood_scale, arcsinh_cofactor
+        As in :class:`~mcvi_ops.module.MultiContrastiveVAE`.
+    encoder, decoder
+        Networks to use instead of the default convolutional ones.
+    """
+
+    def __init__(
+        self,
+        n_channels: int,
+        crop_size: tuple[int, int],
+        *,
+        n_batch: int = 0,
+        n_latent: int = 64,
+        encoder_filters: Sequence[int] = (16, 32, 64, 128, 128),
+        decoder_filters: Sequence[int] = (128, 128, 64, 32, 16),
+        likelihood_scale: float = 0.1,
+        min_likelihood_scale: float = 0.02,
+        arcsinh_cofactor: float = 1.0,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_channels = n_channels
+        self.crop_size = tuple(int(s) for s in crop_size)
+        self.n_batch = n_batch
+        self.n_latent = n_latent
+        self.transform = CropTransform(n_channels, cofactor=arcsinh_cofactor)
+        self.encoder = encoder or ConvEncoder(
+            n_channels, n_latent, crop_size=self.crop_size, n_filters=encoder_filters
+        )
+        self.decoder = decoder or ConvDecoder(
+            n_latent + n_batch, n_channels, crop_size=self.crop_size, n_filters=decoder_filters
+        )
+        self.likelihood = GaussianImageLikelihood(
+            n_channels, scale_init=likelihood_scale, min_scale=min_likelihood_scale
+        )
+
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"x": tensors[X_KEY]}
+
+    def _get_generative_input(self, tensors: dict[str, torch.Tensor], inference_outputs: dict):
+        return {"z": inference_outputs["z"], "batch_index": tensors.get(BATCH_KEY)}
+
+    @auto_move_data
+    def inference(self, x: torch.Tensor, n_samples: int = 1) -> dict[str, torch.Tensor | Normal]:
+        """Posterior of the latent."""
+        x_transformed = self.transform(x)
+        qz = self.encoder(x_transformed)
+        z = qz.rsample((n_samples,)) if n_samples > 1 else qz.rsample()
+        return {"qz": qz, "z": z, "x_transformed": x_transformed}
+
+    @auto_move_data
+    def generative(self, z: torch.Tensor, batch_index: torch.Tensor | None = None) -> dict:
+        """The likelihood of the (transformed) crop given ``z``."""
+        parts = [z]
+        if self.n_batch > 0:
+            if batch_index is None:
+                msg = "This module was built with a batch covariate; pass `batch_index`."
+                raise ValueError(msg)
+            one_hot = F.one_hot(batch_index.reshape(-1).long(), self.n_batch).to(z.dtype)
+            parts.append(one_hot.expand(*z.shape[:-1], self.n_batch))
+        latent = torch.cat(parts, dim=-1)
+        mean = self.decoder(latent.reshape(-1, latent.shape[-1]))
+        mean = mean.reshape(*latent.shape[:-1], *mean.shape[1:])
+        return {"px": self.likelihood(mean), "px_mean": mean}
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        """Negative ELBO with KL warm-up."""
+        x = inference_outputs["x_transformed"]
+        qz = inference_outputs["qz"]
+        reconstruction = -generative_outputs["px"].log_prob(x).sum(dim=(-3, -2, -1))
+        kl_z = kl_divergence(qz, Normal(torch.zeros_like(qz.loc), 1.0)).sum(-1)
+        loss = torch.mean(reconstruction + kl_weight * kl_z)
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction,
+            kl_local=kl_z,
+            extra_metrics={"likelihood_scale": self.likelihood.scale.mean().detach()},
+        )
+
+    @torch.inference_mode()
+    def sample(self, n_samples: int = 1, *, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode draws from the N(0, I) prior, on the [-1, 1] scale: (n_samples, C, H, W)."""
+        z = torch.randn(n_samples, self.n_latent, device=self.device)
+        return self.generative(z, batch_index)["px_mean"]

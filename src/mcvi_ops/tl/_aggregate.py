@@ -1,0 +1,208 @@
+"""Cells -> guide means -> gene means, centred on controls and z-scored (the paper's recipe)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ._utils import check_obs_key, get_rep, group_means, rep_label, rep_names
+
+logger = logging.getLogger(__name__)
+
+
+def aggregate(
+    adata: AnnData,
+    *,
+    use_rep: str | Sequence[str] | None,
+    by: tuple[str, str] = ("sgRNA", "gene_symbol"),
+    level: Literal["gene", "guide"] = "gene",
+    control_category: str | None = "nontargeting",
+    center: bool = True,
+    scale: bool = True,
+    keep_controls: bool | None = None,
+) -> AnnData:
+    """Aggregate cell embeddings into guide-level or gene-level profiles.
+
+    The recipe of the Multi-Contrastive VAE paper: the cells of each guide are averaged, the guide
+    means of each gene are averaged (so every guide weighs the same, whatever its cell count), the
+    mean of the control guides is subtracted, and every feature is divided by its standard
+    deviation across the perturbation rows. Works on any embedding: the model's latent spaces in
+    ``.obsm`` or a feature table in ``.X``.
+
+    Parameters
+    ----------
+    adata
+        Cells, one row each.
+    use_rep
+        Key (or list of keys) of ``.obsm`` to aggregate; `None` or ``"X"`` aggregates ``.X``.
+    by
+        The obs columns ``(guide_key, gene_key)``. Each guide must belong to one gene.
+    level
+        ``"gene"``: one row per gene (mean of its guide means). ``"guide"``: one row per guide.
+    control_category
+        Value of ``adata.obs[gene_key]`` that marks control cells (non-targeting guides). Needed
+        when ``center=True``.
+    center
+        Subtract the control mean: the mean over control guides of their guide means (identical at
+        both levels, since the control "gene" is the mean of the control guides).
+    scale
+        After centring, divide each feature by its standard deviation (``ddof=1``) across the
+        non-control rows of the output level; features with zero spread are left unscaled. The
+        rows are not re-centred, so the offset from the controls (the phenotype) is kept.
+    keep_controls
+        Keep the control rows in the output (flagged by ``obs["is_control"]``). `None` (default):
+        control guides are kept at ``level="guide"`` (they are the null for downstream tests) and
+        the single control row is dropped at ``level="gene"`` (it is zero after centring).
+
+    Returns
+    -------
+    A new AnnData with one row per guide or gene (``obs_names`` are the guide or gene names):
+
+    ``.obsm[use_rep]``
+        The aggregated representation for each key of ``.obsm`` in ``use_rep`` (same key as at the
+        cell level, so metrics take the same ``use_rep`` at every level).
+    ``.X``
+        The aggregated ``.X`` when ``use_rep`` is `None` or contains ``"X"`` (``var_names`` kept);
+        otherwise ``.X`` has zero columns.
+    ``.obs["n_cells"]``
+        Number of cells per row; gene level also has ``obs["n_guides"]``, guide level has
+        ``obs[gene_key]``. Both have ``obs["is_control"]``.
+    ``.uns["aggregate"]``
+        Parameters, and per representation the subtracted ``control_mean`` and the ``scale``
+        divisors.
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=2000, seed=0)
+    >>> adata.obsm["X_pca"] = mcvi_ops.tl.feature_embedding(
+    ...     adata, batch_key="well", n_comps=8, key_added="X_pca"
+    ... )  # doctest: +SKIP
+    >>> genes = mcvi_ops.tl.aggregate(adata, use_rep="X_pca")  # doctest: +SKIP
+    >>> guides = mcvi_ops.tl.aggregate(adata, use_rep="X_pca", level="guide")  # doctest: +SKIP
+    """
+    if level not in ("gene", "guide"):
+        msg = f"`level` must be 'gene' or 'guide', got {level!r}."
+        raise ValueError(msg)
+    if isinstance(by, str) or len(by) != 2:
+        msg = f"`by` must be a pair (guide_key, gene_key), e.g. ('sgRNA', 'gene_symbol'); got {by!r}."
+        raise ValueError(msg)
+    guide_key, gene_key = by
+    reps = rep_names(use_rep)
+    guides = check_obs_key(adata, guide_key, what="guide").astype("object")
+    genes = check_obs_key(adata, gene_key, what="gene").astype("object")
+    valid = (guides.notna() & genes.notna()).to_numpy()
+    if not valid.all():
+        logger.warning(
+            "Ignoring %d cells with a missing %r or %r.", (~valid).sum(), guide_key, gene_key
+        )
+    guide_of_cell = guides.to_numpy()[valid].astype(str)
+    gene_of_cell = genes.to_numpy()[valid].astype(str)
+
+    pairs = pd.DataFrame({"guide": guide_of_cell, "gene": gene_of_cell}).drop_duplicates()
+    multi = pairs["guide"].duplicated(keep=False)
+    if multi.any():
+        bad = sorted(pairs.loc[multi, "guide"].unique())[:5]
+        msg = (
+            f"Each guide in .obs[{guide_key!r}] must belong to one gene in .obs[{gene_key!r}], "
+            f"but {multi.sum()} rows disagree, e.g. guides {bad}. Fix the guide annotation."
+        )
+        raise ValueError(msg)
+    guide_names, guide_codes = np.unique(guide_of_cell, return_inverse=True)
+    guide_gene = pairs.set_index("guide").loc[guide_names, "gene"].to_numpy()
+    gene_names, gene_codes = np.unique(guide_gene, return_inverse=True)
+
+    guide_is_control = guide_gene == control_category
+    if center and not guide_is_control.any():
+        msg = (
+            f"Found no control cells with .obs[{gene_key!r}] == {control_category!r}; values "
+            f"include {list(gene_names[:5])}. Pass the right `control_category`, or center=False."
+        )
+        raise ValueError(msg)
+
+    codes_all = np.full(adata.n_obs, -1, dtype=np.int64)
+    codes_all[valid] = guide_codes
+    n_cells_guide = np.bincount(guide_codes, minlength=guide_names.size)
+    if level == "guide":
+        names, is_control = guide_names, guide_is_control
+        obs = pd.DataFrame(
+            {gene_key: pd.Categorical(guide_gene), "n_cells": n_cells_guide},
+            index=pd.Index(guide_names, name=None),
+        )
+    else:
+        names, is_control = gene_names, gene_names == control_category
+        n_guides = np.bincount(gene_codes, minlength=gene_names.size)
+        n_cells_gene = np.bincount(gene_codes, weights=n_cells_guide, minlength=gene_names.size)
+        obs = pd.DataFrame(
+            {"n_guides": n_guides, "n_cells": n_cells_gene.astype(np.int64)},
+            index=pd.Index(gene_names, name=None),
+        )
+    obs["is_control"] = is_control
+    if keep_controls is None:
+        keep_controls = level == "guide"
+    keep = np.ones(names.size, dtype=bool) if keep_controls else ~is_control
+    if not keep.any():
+        msg = "No non-control rows to aggregate: every cell is a control."
+        raise ValueError(msg)
+
+    results: dict[str, np.ndarray] = {}
+    info: dict[str, dict] = {}
+    for rep in reps:
+        x = get_rep(adata, rep)
+        guide_means, _ = group_means(x, codes_all, guide_names.size)
+        control_mean = (
+            guide_means[guide_is_control].mean(axis=0) if guide_is_control.any() else None
+        )
+        if level == "gene":
+            values, _ = group_means(guide_means, gene_codes, gene_names.size)
+        else:
+            values = guide_means
+        if center:
+            values = values - control_mean
+        divisor = np.ones(values.shape[1])
+        if scale:
+            rows = values[~is_control]
+            if rows.shape[0] < 2:
+                msg = "Cannot scale with fewer than 2 non-control rows; pass scale=False."
+                raise ValueError(msg)
+            sd = rows.std(axis=0, ddof=1)
+            divisor = np.where(sd > 0, sd, 1.0)
+            values = values / divisor
+        results[rep_label(rep)] = values[keep].astype(np.float32)
+        info[rep_label(rep)] = {
+            "control_mean": None if control_mean is None else control_mean.astype(np.float32),
+            "scale": divisor.astype(np.float32),
+        }
+
+    obs = obs.loc[keep]
+    x_out = results.pop("X", None)
+    out = AnnData(
+        X=x_out if x_out is not None else np.zeros((obs.shape[0], 0), dtype=np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=adata.var_names.copy()) if x_out is not None else None,
+    )
+    for key, values in results.items():
+        out.obsm[key] = values
+    out.uns["aggregate"] = {
+        "params": {
+            "use_rep": [rep_label(r) for r in reps],
+            "by": list(by),
+            "level": level,
+            "control_category": control_category,
+            "center": center,
+            "scale": scale,
+            "keep_controls": keep_controls,
+        },
+        **{k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in info.items()},
+    }
+    logger.info(
+        "Aggregated %d cells into %d %s rows (%s).", valid.sum(), out.n_obs, level, ", ".join(
+            rep_label(r) for r in reps
+        )
+    )
+    return out

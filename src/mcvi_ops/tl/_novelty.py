@@ -1,0 +1,210 @@
+"""Novel versus shifted phenotypes from the salient and background spaces of an mcVAE."""
+
+from __future__ import annotations
+
+import logging
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ._utils import check_obs_key, get_rep, group_means
+
+logger = logging.getLogger(__name__)
+
+
+def benjamini_hochberg(pvalues: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (NaN stays NaN)."""
+    p = np.asarray(pvalues, dtype=float)
+    q = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    m = ok.sum()
+    if m == 0:
+        return q
+    order = np.argsort(p[ok])
+    ranked = p[ok][order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(ranked, 1.0)
+    q[ok] = out
+    return q
+
+
+def _null_norms(
+    controls: np.ndarray,
+    center: np.ndarray,
+    sizes: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Norms of mean shifts of random control subsets, one column per size in ``sizes``.
+
+    Each permutation shuffles the control cells once; the first ``n`` shuffled cells are a
+    uniform random subset of size ``n``, so prefix sums give every size in one pass.
+    """
+    max_size = int(sizes.max())
+    out = np.empty((n_permutations, sizes.size))
+    for r in range(n_permutations):
+        take = rng.permutation(controls.shape[0])[:max_size]
+        prefix = np.cumsum(controls[take], axis=0)[sizes - 1]
+        out[r] = np.linalg.norm(prefix / sizes[:, None] - center, axis=1)
+    return out
+
+
+def phenotype_novelty(
+    adata: AnnData,
+    *,
+    salient_rep: str = "X_mcvae_salient",
+    background_rep: str = "X_mcvae_background",
+    perturbation_key: str = "gene_symbol",
+    control_category: str = "nontargeting",
+    guide_key: str | None = "sgRNA",
+    n_permutations: int = 1000,
+    alpha: float = 0.05,
+    share_threshold: float = 0.5,
+    seed: int = 0,
+    key_added: str = "phenotype_novelty",
+) -> pd.DataFrame:
+    r"""Separate novel phenotypes (salient space) from shifts of natural variation (background).
+
+    For each perturbation :math:`p` with cells :math:`C_p` and the control cells :math:`C_0`, the
+    shifts :math:`s_p = \bar{S}_{C_p} - \bar{S}_{C_0}` in the salient space and
+    :math:`z_p = \bar{Z}_{C_p} - \bar{Z}_{C_0}` in the background space give
+    ``salient_shift`` :math:`\lVert s_p\rVert`, ``background_shift`` :math:`\lVert z_p\rVert` and
+    ``salient_share`` :math:`\lVert s_p\rVert^2 / (\lVert s_p\rVert^2 + \lVert z_p\rVert^2)`.
+    Permutation p-values compare each shift with the shifts of ``n_permutations`` random subsets
+    of control cells of the same size, ``(1 + #{null >= observed}) / (1 + n_permutations)``;
+    q-values are Benjamini-Hochberg adjusted. A perturbation is ``"novel"`` when its salient shift
+    is significant and ``salient_share >= share_threshold``, ``"shift"`` when either shift is
+    significant otherwise, and ``"none"`` when neither is.
+
+    Parameters
+    ----------
+    adata
+        Cells, one row each, with both embeddings in ``.obsm``.
+    salient_rep, background_rep
+        Keys of the salient and background embeddings in ``.obsm``.
+    perturbation_key
+        Obs column of the perturbation (gene, or guide for guide-level tests).
+    control_category
+        Value of ``perturbation_key`` marking control cells.
+    guide_key
+        Obs column of guides, used to report ``n_guides`` (`None` to skip).
+    n_permutations
+        Number of random control subsets per subset size.
+    alpha
+        Significance level of the q-values for ``category``.
+    share_threshold
+        Salient share above which a significant perturbation is called ``"novel"``.
+    seed
+        Seed of the permutations.
+    key_added
+        Key in ``.uns``.
+
+    Returns
+    -------
+    DataFrame indexed by perturbation, sorted by decreasing ``salient_share``, with columns
+    ``n_cells, n_guides, salient_shift, background_shift, salient_share, salient_pvalue,
+    background_pvalue, salient_qvalue, background_qvalue, category``. Also sets
+
+    ``adata.uns[key_added]``
+        ``{"results": <the DataFrame>, "params": {...}}``.
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> df = mcvi_ops.tl.phenotype_novelty(adata, n_permutations=200)  # doctest: +SKIP
+    >>> df.query("category == 'novel'").head()  # doctest: +SKIP
+    """
+    if n_permutations < 1:
+        msg = f"`n_permutations` must be >= 1, got {n_permutations}."
+        raise ValueError(msg)
+    salient = get_rep(adata, salient_rep)
+    background = get_rep(adata, background_rep)
+    pert = check_obs_key(adata, perturbation_key, what="perturbation").astype(str).to_numpy()
+    is_ctrl = pert == str(control_category)
+    n_ctrl = int(is_ctrl.sum())
+    if n_ctrl < 2:
+        msg = (
+            f"Found {n_ctrl} control cells with .obs[{perturbation_key!r}] == "
+            f"{control_category!r}; need at least 2. Pass the right `control_category`."
+        )
+        raise ValueError(msg)
+    names, inverse = np.unique(pert[~is_ctrl], return_inverse=True)
+    codes = np.full(pert.size, -1, dtype=np.int64)
+    codes[~is_ctrl] = inverse
+    if names.size == 0:
+        msg = "Every cell is a control; nothing to test."
+        raise ValueError(msg)
+
+    rng = np.random.default_rng(seed)
+    columns: dict[str, np.ndarray] = {}
+    counts = np.bincount(codes[codes >= 0], minlength=names.size)
+    columns["n_cells"] = counts
+    if guide_key is not None and guide_key in adata.obs:
+        guides = adata.obs[guide_key].astype(str).to_numpy()
+        columns["n_guides"] = (
+            pd.Series(guides[~is_ctrl]).groupby(pert[~is_ctrl]).nunique().reindex(names).to_numpy()
+        )
+    sizes, size_index = np.unique(counts, return_inverse=True)
+    testable = sizes <= n_ctrl
+    if not testable.all():
+        logger.warning(
+            "%d perturbations have more cells than the %d controls; their p-values are NaN.",
+            (~testable[size_index]).sum(),
+            n_ctrl,
+        )
+    sq = {}
+    for name, x in (("salient", salient), ("background", background)):
+        means, _ = group_means(x, codes, names.size)
+        control = x[is_ctrl]
+        center = control.mean(axis=0)
+        shift = np.linalg.norm(means - center, axis=1)
+        sq[name] = shift**2
+        columns[f"{name}_shift"] = shift
+        pvalue = np.full(names.size, np.nan)
+        if testable.any():
+            null = _null_norms(control, center, sizes[testable], n_permutations, rng)
+            col = np.full(sizes.size, -1)
+            col[testable] = np.arange(testable.sum())
+            ok = testable[size_index]
+            exceed = (null[:, col[size_index[ok]]] >= shift[ok][None, :]).sum(axis=0)
+            pvalue[ok] = (1 + exceed) / (1 + n_permutations)
+        columns[f"{name}_pvalue"] = pvalue
+    total = sq["salient"] + sq["background"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        columns["salient_share"] = np.where(total > 0, sq["salient"] / total, np.nan)
+    df = pd.DataFrame(columns, index=pd.Index(names, name=perturbation_key))
+    df["salient_qvalue"] = benjamini_hochberg(df["salient_pvalue"].to_numpy())
+    df["background_qvalue"] = benjamini_hochberg(df["background_pvalue"].to_numpy())
+    sal_sig = df["salient_qvalue"].to_numpy() < alpha
+    bg_sig = df["background_qvalue"].to_numpy() < alpha
+    novel = sal_sig & (df["salient_share"].to_numpy() >= share_threshold)
+    category = np.where(novel, "novel", np.where(sal_sig | bg_sig, "shift", "none"))
+    df["category"] = pd.Categorical(category, categories=["novel", "shift", "none"])
+    order = [
+        "n_cells",
+        "n_guides",
+        "salient_shift",
+        "background_shift",
+        "salient_share",
+        "salient_pvalue",
+        "background_pvalue",
+        "salient_qvalue",
+        "background_qvalue",
+        "category",
+    ]
+    df = df[[c for c in order if c in df]].sort_values("salient_share", ascending=False)
+    adata.uns[key_added] = {
+        "results": df,
+        "params": {
+            "salient_rep": salient_rep,
+            "background_rep": background_rep,
+            "perturbation_key": perturbation_key,
+            "control_category": control_category,
+            "n_permutations": n_permutations,
+            "alpha": alpha,
+            "share_threshold": share_threshold,
+            "seed": seed,
+        },
+    }
+    return df
