@@ -86,9 +86,12 @@ def test_survives_relink_after_move(make_linked, tmp_path):
     np.testing.assert_array_equal(linked_store(adata)[[1]], crops[[1]])
 
 
-def test_perturbation_field_puts_control_first(make_linked):
+@pytest.mark.parametrize("categorical", [False, True])
+def test_perturbation_field_puts_control_first(make_linked, categorical):
     adata, _ = make_linked(n=30)
     adata.obs["gene_symbol"] = np.where(np.arange(30) % 3 == 0, "zz_control", "AAA")
+    if categorical:  # an existing categorical keeps its own category order otherwise
+        adata.obs["gene_symbol"] = adata.obs["gene_symbol"].astype("category")
     manager = AnnDataManager(
         fields=[PerturbationField("perturbation", "gene_symbol", control_category="zz_control")]
     )

@@ -63,8 +63,10 @@ def make_sampler(n=200, n_control=50, **kwargs):
     is_control = np.zeros(n, dtype=bool)
     is_control[np.random.default_rng(1).choice(n, n_control, replace=False)] = True
     defaults = {"batch_size": 20, "window_chunks": 2, "seed": 0}
-    return rows, is_control, BalancedChunkSampler(
-        rows, rows // 10, is_control=is_control, **{**defaults, **kwargs}
+    return (
+        rows,
+        is_control,
+        BalancedChunkSampler(rows, rows // 10, is_control=is_control, **{**defaults, **kwargs}),
     )
 
 
@@ -182,9 +184,12 @@ def test_sampler_errors():
 
 
 # --- loader ----------------------------------------------------------------------------------
-def test_loader_batches_match_store():
+@pytest.mark.parametrize("cache_chunks", [None, 0, 1])
+def test_loader_batches_match_store(cache_chunks):
     manager, store = make_manager(shuffled_crops=True)
-    loader = CropDataLoader(manager, batch_size=16, shuffle=True, balanced=True, seed=0)
+    loader = CropDataLoader(
+        manager, batch_size=16, shuffle=True, balanced=True, seed=0, cache_chunks=cache_chunks
+    )
     adata = manager.adata
     crop_index = adata.obs["crop_index"].to_numpy()
     codes = manager.get_from_registry("perturbation").reshape(-1)

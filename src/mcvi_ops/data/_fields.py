@@ -7,8 +7,7 @@ import logging
 import numpy as np
 import rich
 from anndata import AnnData
-from pandas import CategoricalDtype
-from scvi.data._utils import _make_column_categorical
+import pandas as pd
 from scvi.data.fields import BaseAnnDataField, CategoricalObsField
 
 from ._link import DEFAULT_INDEX_KEY, UNS_KEY, _check_indices, crop_reference, linked_store
@@ -40,7 +39,7 @@ class ImageField(BaseAnnDataField):
     >>> import mcvi_ops
     >>> from scvi.data import AnnDataManager
     >>> from mcvi_ops.data import ImageField
-    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=200, seed=0)
+    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=200, n_genes=10, seed=0)
     >>> manager = AnnDataManager(fields=[ImageField("crops")])
     >>> manager.register_fields(adata)
     >>> manager.summary_stats["n_channels"]
@@ -247,12 +246,12 @@ class PerturbationField(CategoricalObsField):
         """Encode perturbations with the control category first (code 0)."""
         self.validate_field(adata)
         categories = self._ordered_categories(adata)
-        mapping = _make_column_categorical(
-            adata.obs,
-            self._original_attr_key,
-            self.attr_key,
-            categorical_dtype=CategoricalDtype(categories),
-        )
+        # build the codes from plain values: pandas treats unordered categoricals with the same
+        # categories in another order as equal, so `astype` alone would keep the old order
+        values = np.asarray(adata.obs[self._original_attr_key].astype(object))
+        codes = pd.Categorical(values, categories=categories).codes
+        adata.obs[self.attr_key] = codes.astype(np.int64)
+        mapping = np.asarray(categories, dtype=object)
         return {
             self.CATEGORICAL_MAPPING_KEY: mapping,
             self.ORIGINAL_ATTR_KEY: self._original_attr_key,

@@ -148,7 +148,7 @@ def get_crops(adata: AnnData, rows: Any = None, *, uns_key: str = UNS_KEY) -> np
     Examples
     --------
     >>> import mcvi_ops
-    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=200, seed=0)
+    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=200, n_genes=10, seed=0)
     >>> mcvi_ops.data.get_crops(adata, [0, 10]).shape
     (2, 4, 64, 64)
     """

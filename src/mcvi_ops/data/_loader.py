@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +77,13 @@ class CropDataset(Dataset):
         Manager of an AnnData set up with an :class:`~mcvi_ops.data.ImageField`.
     image_key
         Registry key of the image field.
+    cache_chunks
+        Number of decoded store chunks kept in memory (least recently used are dropped), per
+        process. Chunk-aware samplers revisit the chunks of a window over several batches, so a
+        cache of ``4 * window_chunks`` chunks (both streams, two windows each) decodes each chunk
+        about once per window instead of once per batch. ``0`` reads every batch with
+        :meth:`CropStore.take` (each touched chunk decoded once per batch). With the default
+        ~4 MB chunks, 32 chunks take ~128 MB.
 
     Notes
     -----
@@ -92,7 +100,13 @@ class CropDataset(Dataset):
     data-loader workers.
     """
 
-    def __init__(self, adata_manager: AnnDataManager, *, image_key: str = "crops") -> None:
+    def __init__(
+        self, adata_manager: AnnDataManager, *, image_key: str = "crops", cache_chunks: int = 32
+    ) -> None:
+        if isinstance(cache_chunks, bool) or int(cache_chunks) != cache_chunks or cache_chunks < 0:
+            msg = f"`cache_chunks` must be a non-negative integer, got {cache_chunks!r}."
+            raise ValueError(msg)
+        self.cache_chunks = int(cache_chunks)
         uns_key = _image_uns_key(adata_manager, image_key)
         reference = crop_reference(adata_manager.adata, uns_key=uns_key)
         self.url = str(reference["url"])
@@ -116,6 +130,7 @@ class CropDataset(Dataset):
             self.fields[key] = values
         self._store: CropStore | None = None
         self._pid: int | None = None
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     @property
     def store(self) -> CropStore:
@@ -123,6 +138,7 @@ class CropDataset(Dataset):
         if self._store is None or self._pid != os.getpid():
             self._store = open_crops(self.url, storage_options=self.storage_options)
             self._pid = os.getpid()
+            self._cache = OrderedDict()
         return self._store
 
     @property
@@ -137,13 +153,37 @@ class CropDataset(Dataset):
         state = self.__dict__.copy()
         state["_store"] = None
         state["_pid"] = None
+        state["_cache"] = OrderedDict()
         return state
+
+    def _chunk(self, chunk: int) -> np.ndarray:
+        data = self._cache.get(chunk)
+        if data is None:
+            data = self.store.read_chunk(chunk)
+            self._cache[chunk] = data
+            if len(self._cache) > self.cache_chunks:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(chunk)
+        return data
+
+    def _read(self, crop_indices: np.ndarray) -> np.ndarray:
+        store = self.store
+        if self.cache_chunks == 0:
+            # `take` reads the sorted unique indices chunk by chunk, restoring the batch order
+            return store.take(crop_indices)
+        chunk_cells = store.chunk_cells
+        chunks = crop_indices // chunk_cells
+        out = np.empty((len(crop_indices), *store.shape[1:]), dtype=store.dtype)
+        for chunk in np.unique(chunks).tolist():
+            mask = chunks == chunk
+            out[mask] = self._chunk(chunk)[crop_indices[mask] - chunk * chunk_cells]
+        return out
 
     def __getitem__(self, rows: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         crop_indices = self.crop_indices[rows]
-        # `take` reads the sorted unique indices chunk by chunk and restores the batch order
-        crops = self.store.take(crop_indices)
+        crops = self._read(crop_indices)
         batch = {
             X_KEY: torch.from_numpy(crops.astype(np.float32, copy=False)),
             CROP_INDEX_KEY: torch.from_numpy(crop_indices.reshape(-1, 1)),
@@ -190,6 +230,9 @@ class CropDataLoader(DataLoader):
         Distributed processes sharing the epoch; see :class:`BalancedChunkSampler`.
     rank
         Rank of this process; see :class:`BalancedChunkSampler`.
+    cache_chunks
+        Decoded chunks cached per process (see :class:`CropDataset`); ``4 * window_chunks`` by
+        default, ``0`` to read each batch with :meth:`CropStore.take` only.
     **dataloader_kwargs
         Passed to :class:`torch.utils.data.DataLoader` (``pin_memory``, ``persistent_workers``,
         ``prefetch_factor``, ...).
@@ -227,9 +270,11 @@ class CropDataLoader(DataLoader):
         control_code: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        cache_chunks: int | None = None,
         **dataloader_kwargs,
     ) -> None:
-        dataset = CropDataset(adata_manager, image_key=image_key)
+        cache = 4 * int(window_chunks) if cache_chunks is None else cache_chunks
+        dataset = CropDataset(adata_manager, image_key=image_key, cache_chunks=cache)
         n_obs = len(dataset)
         if indices is None:
             rows = np.arange(n_obs, dtype=np.int64)

@@ -49,7 +49,7 @@ CENTRE_TILE_NEIGHBOURS = 1.0
 DAPI_LEVEL = 1500.0
 TUBULIN_LEVEL = 1100.0
 GH2AX_LEVEL = 260.0
-FOCI_LEVEL = 2400.0
+FOCI_LEVEL = 6000.0
 ACTIN_LEVEL = 700.0
 INTENSITY_LOG_SD = 0.12
 
@@ -106,8 +106,13 @@ def sample_cell_params(
         aff("elongated"), 1 + 1.1 * _beta(rng, 2 + 3 * s, 1.6, n), 1 + 1.1 * rng.beta(1.5, 4, n)
     )
     ar = np.where(mitotic, 1 + 0.12 * rng.random(n), ar)
+    ar = np.where(anaphase, 1.25 + 0.15 * rng.random(n), ar)
     theta = rng.uniform(0, np.pi, n)
     radius = CELL_RADIUS * size * np.where(mitotic, MITOTIC_SIZE, 1.0)
+    # semi-axes along theta and across it; mitotic cells stretch along the spindle, which runs
+    # across the plate's long axis (theta)
+    cell_a = np.where(mitotic, radius / np.sqrt(ar), radius * np.sqrt(ar))
+    cell_b = np.where(mitotic, radius * np.sqrt(ar), radius / np.sqrt(ar))
     cy, cx = np.clip(rng.normal(0, 0.03, (2, n)), -0.08, 0.08)
     cos, sin = np.cos(theta), np.sin(theta)
 
@@ -149,7 +154,7 @@ def sample_cell_params(
         + rng.normal(0, 0.25, (n, MAX_NEIGHBOURS))
     )
     # radius of the central ellipse along direction phi
-    ia2, ib2 = (1 / (radius * np.sqrt(ar))[:, None]) ** 2, (1 / (radius / np.sqrt(ar))[:, None]) ** 2
+    ia2, ib2 = (1 / cell_a[:, None]) ** 2, (1 / cell_b[:, None]) ** 2
     u = np.cos(phi) * cos[:, None] + np.sin(phi) * sin[:, None]
     v = -np.cos(phi) * sin[:, None] + np.sin(phi) * cos[:, None]
     r_main = 1 / np.sqrt(u**2 * ia2 + v**2 * ib2)
@@ -168,12 +173,13 @@ def sample_cell_params(
 
     # micronuclei around the main nucleus
     n_mn = np.where(micro, rng.integers(2, MAX_MICRONUCLEI + 1, n), 0)
-    mn_phi = rng.uniform(0, 2 * np.pi, n)[:, None] + np.linspace(
-        0, 2 * np.pi, MAX_MICRONUCLEI, endpoint=False
-    )[None, :]
+    mn_phi = (
+        rng.uniform(0, 2 * np.pi, n)[:, None]
+        + np.linspace(0, 2 * np.pi, MAX_MICRONUCLEI, endpoint=False)[None, :]
+    )
     mn_phi += rng.normal(0, 0.3, (n, MAX_MICRONUCLEI))
-    mn_dist = nuc_a[:, None] + rng.uniform(0.08, 0.16, (n, MAX_MICRONUCLEI)) * size[:, None]
-    mn_r = rng.uniform(0.05, 0.075, (n, MAX_MICRONUCLEI)) * np.sqrt(size)[:, None]
+    mn_r = rng.uniform(0.06, 0.085, (n, MAX_MICRONUCLEI)) * np.sqrt(size)[:, None]
+    mn_dist = nuc_a[:, None] + mn_r + rng.uniform(0.06, 0.14, (n, MAX_MICRONUCLEI)) * size[:, None]
 
     f32 = np.float32
     return {
@@ -187,8 +193,8 @@ def sample_cell_params(
         "theta": theta.astype(f32),
         "cy": cy.astype(f32),
         "cx": cx.astype(f32),
-        "cell_a": (radius * np.sqrt(ar)).astype(f32),
-        "cell_b": (radius / np.sqrt(ar)).astype(f32),
+        "cell_a": cell_a.astype(f32),
+        "cell_b": cell_b.astype(f32),
         "cell_rough": np.where(mitotic, 0.05, rng.uniform(0.12, 0.3, n)).astype(f32),
         "nuc_cy": nuc_cy.astype(f32),
         "nuc_cx": nuc_cx.astype(f32),

@@ -76,10 +76,17 @@ class TextureBank:
         fields = {
             "white": rng.standard_normal(shape),
             "low": _standardise(_fft_filter(rng.standard_normal(shape), 5 * scale, 5 * scale, 0)),
-            "chrom": 1
-            + 0.22 * _standardise(_fft_filter(rng.standard_normal(shape), scale, scale, 0)),
-            "foci": _spots(rng, BANK_FIELDS, size, 0.07 / scale**2, 0.9 * scale, 0.02),
-            "agg": _spots(rng, BANK_FIELDS, size, 0.012 / scale**2, 1.3 * scale, 0.6),
+            "chrom": np.clip(
+                1 + 0.22 * _standardise(_fft_filter(rng.standard_normal(shape), scale, scale, 0)),
+                0.2,
+                None,
+            ),
+            "foci": np.clip(
+                _spots(rng, BANK_FIELDS, size, 0.07 / scale**2, 0.9 * scale, 0.02), 0, 1
+            ),
+            "agg": np.clip(
+                _spots(rng, BANK_FIELDS, size, 0.012 / scale**2, 1.3 * scale, 0.6), 0, 1
+            ),
         }
         for name in ("fibre_t", "fibre_a"):
             per = []
@@ -88,17 +95,17 @@ class TextureBank:
                 raw = rng.standard_normal((2, size, size))
                 per.append(_standardise(_fft_filter(raw, 5 * scale, 0.7 * scale, angle)))
             fibre = np.concatenate(per)  # index = orientation * 2 + copy
-            fields[name] = np.clip(1 + (0.45 if name == "fibre_t" else 0.6) * fibre, 0.1, None)
+            fields[name] = np.clip(1 + (0.35 if name == "fibre_t" else 0.5) * fibre, 0.1, None)
         self.n_fields = {name: len(f) for name, f in fields.items()}
-        self._fields = {name: np.ascontiguousarray(f, dtype=np.float32) for name, f in fields.items()}
+        self._fields = {
+            name: np.ascontiguousarray(f, dtype=np.float32) for name, f in fields.items()
+        }
         self._views = {
             name: sliding_window_view(f, (crop_size, crop_size), axis=(1, 2))
             for name, f in self._fields.items()
         }
 
-    def sample(
-        self, rng: np.random.Generator, n: int, theta: np.ndarray
-    ) -> dict[str, np.ndarray]:
+    def sample(self, rng: np.random.Generator, n: int, theta: np.ndarray) -> dict[str, np.ndarray]:
         """Draw which window of which field every texture of ``n`` cells uses."""
         out: dict[str, np.ndarray] = {}
         orient = np.round(np.asarray(theta) / np.pi * N_ORIENTATIONS).astype(np.int64)
@@ -110,7 +117,9 @@ class TextureBank:
                 base = orient if name == "fibre_t" else (orient + N_ORIENTATIONS // 2)
                 index = (base % N_ORIENTATIONS)[:, None] * 2 + index % 2
             offset = rng.integers(0, self.crop_size + 1, (n, count, 2))
-            out[f"tex_{name}"] = np.concatenate([index[..., None], offset], axis=-1).astype(np.int32)
+            out[f"tex_{name}"] = np.concatenate([index[..., None], offset], axis=-1).astype(
+                np.int32
+            )
         return out
 
     def take(self, name: str, tex: np.ndarray, slot: int = 0) -> np.ndarray:
@@ -240,7 +249,7 @@ def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> 
             break
         r = q["mn_r"][idx, k]
         m = _ellipse(g, half, q["mn_cy"][idx, k], q["mn_cx"][idx, k], r, r, r * 0, width=0.8)
-        nuc[idx] = np.maximum(nuc[idx], m)
+        nuc[idx] = np.maximum(nuc[idx], 1.5 * m)  # micronuclei are condensed, bright
     spindle = poles = None
     if mit.size:
         th, sep = q["theta"][mit], q["sep"][mit]
@@ -251,11 +260,9 @@ def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> 
         plates = _ellipse(g, half, cy + sep / 2 * sy, cx + sep / 2 * sx, pa, pb, th)
         other = _ellipse(g, half, cy - sep / 2 * sy, cx - sep / 2 * sx, pa, pb, th)
         nuc[mit] = np.maximum(plates, other)
-        spindle = _ellipse(
-            g, half, cy, cx, 0.2 * sz, 0.34 * sz + sep / 2, th, width=2.0
-        )
-        pole_r = 0.055 * sz
-        reach = 0.32 * sz + sep / 2
+        spindle = _ellipse(g, half, cy, cx, 0.19 * sz, 0.28 * sz + sep / 2, th, width=2.0)
+        pole_r = 0.05 * sz
+        reach = 0.26 * sz + sep / 2
         poles = np.maximum(
             _ellipse(g, half, cy + reach * sy, cx + reach * sx, pole_r, pole_r, th),
             _ellipse(g, half, cy - reach * sy, cx - reach * sx, pole_r, pole_r, th),
@@ -324,6 +331,7 @@ def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> 
     act *= q["actin"][:, None, None]
 
     # optics and camera: background, vignetting, per-well gains, shot and read noise
+    np.maximum(image, 0, out=image)
     image += BACKGROUND[None, :, None, None]
     image *= (illum[:, None] * gains).astype(np.float32)[:, :, None, None]
     noise = np.sqrt(image + READ_NOISE**2)

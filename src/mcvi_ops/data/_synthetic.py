@@ -22,7 +22,7 @@ from ._phenotypes import (
     sample_cell_params,
 )
 from ._render import TextureBank, render_cells
-from ._store import CropWriter
+from ._store import CropStore, CropWriter
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ PENETRANCE_RANGE = (0.75, 0.95)
 STRENGTH_RANGE = (0.7, 1.0)
 MITOTIC_ARREST_GAIN = 0.4  # extra mitotic probability of affected cells, times strength
 BLOCK_CELLS = 1024  # cell parameters are drawn per block of this many cells, from its own seed
-_PLATE_FORMATS = ((6, 3), (24, 6), (96, 12), (384, 24))
+_PLATE_FORMATS = ((6, 3), (24, 6), (96, 12), (384, 24))  # (wells, columns)
+_LARGE_IN_MEMORY = 4 * 1024**3  # warn above this many bytes of crops held in memory
 
 
 def synthetic_screen(
@@ -198,62 +199,27 @@ def synthetic_screen(
         },
         index=pd.Index([f"cell{i}" for i in range(n_cells)]),
     )
-    cell_gains = gains.reshape(-1, len(CHANNEL_NAMES))[cells["well_id"]]
 
     if path is None:
         store = f"memory://mcvi-synthetic-{uuid.uuid4().hex}.zarr"
+        n_bytes = n_cells * len(CHANNEL_NAMES) * crop_size**2 * 2
+        if n_bytes > _LARGE_IN_MEMORY:
+            logger.warning(
+                "Holding %.1f GB of crops in memory; pass `path=` to stream them to disk instead.",
+                n_bytes / 1e9,
+            )
     else:
         store = path
-    bank = TextureBank(crop_size, seed)
-    means = np.empty((n_cells, len(CHANNEL_NAMES)), dtype=np.float32)
-    block_cache: dict[int, dict[str, np.ndarray]] = {}
-
-    def block_params(block: int) -> dict[str, np.ndarray]:
-        if block not in block_cache:
-            block_cache.clear()
-            lo, hi = block * BLOCK_CELLS, min((block + 1) * BLOCK_CELLS, n_cells)
-            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, block)))
-            part = slice(lo, hi)
-            params = sample_cell_params(
-                rng,
-                mitotic=cells["mitotic"][part],
-                effect=cells["effect"][part],
-                strength=cells["strength"][part],
-                affected=cells["affected"][part],
-                edge_tile=cells["edge_tile"][part],
-            )
-            params.update(bank.sample(rng, hi - lo, params["theta"]))
-            block_cache[block] = params
-        return block_cache[block]
-
-    with CropWriter(
+    crop_store, means = _stream_crops(
         store,
-        n_channels=len(CHANNEL_NAMES),
+        cells,
+        gains.reshape(-1, len(CHANNEL_NAMES))[cells["well_id"]],
+        seed=seed,
         crop_size=crop_size,
-        channel_names=list(CHANNEL_NAMES),
-        dtype=np.uint16,
         chunk_cells=chunk_cells,
-        pixel_size=PIXEL_SIZE * REFERENCE_CROP / crop_size,
-        attrs={"source": "mcvi_ops.data.synthetic_screen", "seed": seed},
+        batch_size=int(batch_size),
         overwrite=overwrite,
-    ) as writer:
-        for start in range(0, n_cells, int(batch_size)):
-            stop = min(start + int(batch_size), n_cells)
-            parts = []
-            for block in range(start // BLOCK_CELLS, (stop - 1) // BLOCK_CELLS + 1):
-                offset = block * BLOCK_CELLS
-                sl = slice(max(start, offset) - offset, min(stop, offset + BLOCK_CELLS) - offset)
-                parts.append({k: v[sl] for k, v in block_params(block).items()})
-            params = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            crops, means[start:stop] = render_cells(
-                params,
-                bank,
-                illumination=cells["illumination"][start:stop],
-                gains=cell_gains[start:stop],
-            )
-            writer.append(crops)
-            logger.debug("Rendered cells %d-%d of %d", start, stop, n_cells)
-    crop_store = writer.store
+    )
 
     adata = AnnData(
         X=means,
@@ -294,6 +260,76 @@ def synthetic_screen(
     return adata
 
 
+def _stream_crops(
+    store: str | os.PathLike,
+    cells: dict[str, np.ndarray],
+    cell_gains: np.ndarray,
+    *,
+    seed: int,
+    crop_size: int,
+    chunk_cells: int | None,
+    batch_size: int,
+    overwrite: bool,
+) -> tuple[CropStore, np.ndarray]:
+    """Render the crops batch by batch into a new store; return it and per-channel crop means.
+
+    Cell parameters are drawn per block of :data:`BLOCK_CELLS` cells from a seed of their own, so
+    the crops do not depend on ``batch_size``.
+    """
+    n_cells = len(cells["guide"])
+    bank = TextureBank(crop_size, seed)
+    means = np.empty((n_cells, len(CHANNEL_NAMES)), dtype=np.float32)
+    block_cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def block_params(block: int) -> dict[str, np.ndarray]:
+        if block not in block_cache:
+            block_cache.clear()
+            lo, hi = block * BLOCK_CELLS, min((block + 1) * BLOCK_CELLS, n_cells)
+            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, block)))
+            part = slice(lo, hi)
+            params = sample_cell_params(
+                rng,
+                mitotic=cells["mitotic"][part],
+                effect=cells["effect"][part],
+                strength=cells["strength"][part],
+                affected=cells["affected"][part],
+                edge_tile=cells["edge_tile"][part],
+            )
+            params.update(bank.sample(rng, hi - lo, params["theta"]))
+            block_cache[block] = params
+        return block_cache[block]
+
+    with CropWriter(
+        store,
+        n_channels=len(CHANNEL_NAMES),
+        crop_size=crop_size,
+        channel_names=list(CHANNEL_NAMES),
+        dtype=np.uint16,
+        chunk_cells=chunk_cells,
+        pixel_size=PIXEL_SIZE * REFERENCE_CROP / crop_size,
+        attrs={"source": "mcvi_ops.data.synthetic_screen", "seed": seed},
+        overwrite=overwrite,
+    ) as writer:
+        for start in range(0, n_cells, batch_size):
+            stop = min(start + batch_size, n_cells)
+            parts = []
+            for block in range(start // BLOCK_CELLS, (stop - 1) // BLOCK_CELLS + 1):
+                offset = block * BLOCK_CELLS
+                sl = slice(max(start, offset) - offset, min(stop, offset + BLOCK_CELLS) - offset)
+                parts.append({k: v[sl] for k, v in block_params(block).items()})
+            params = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            crops, means[start:stop] = render_cells(
+                params,
+                bank,
+                illumination=cells["illumination"][start:stop],
+                gains=cell_gains[start:stop],
+            )
+            writer.append(crops)
+            logger.debug("Rendered cells %d-%d of %d", start, stop, n_cells)
+    crop_store = writer.store
+    return crop_store, means
+
+
 def _well_names(n_wells: int) -> list[str]:
     cols = next(c for size, c in _PLATE_FORMATS if n_wells <= size)
     letters = "ABCDEFGHIJKLMNOP"
@@ -309,14 +345,7 @@ def _design(
     order = rng.permutation(n_genes)
     n_none = round(n_genes * NO_EFFECT_FRACTION) if n_genes > 1 else 0
     with_effect = order[n_none:]
-    sizes: list[int] = []
-    left = len(with_effect)
-    while left >= COMPLEX_SIZES[0] or (left and not sizes):
-        size = min(int(rng.integers(COMPLEX_SIZES[0], COMPLEX_SIZES[1] + 1)), left)
-        sizes.append(size)
-        left -= size
-    for k in range(left):  # fewer left than a complex: add them to the smallest complexes
-        sizes[int(np.argmin(sizes))] += 1
+    sizes = _complex_sizes(rng, len(with_effect))
     # alternate shift and novel effects so that both kinds occur from two complexes on
     shifts, novels = list(rng.permutation(SHIFT_EFFECTS)), list(rng.permutation(NOVEL_EFFECTS))
     effects = []
@@ -338,7 +367,10 @@ def _design(
         strength[members] = complex_strength[c] * rng.uniform(0.9, 1.0, size)
         penetrance[members] = rng.uniform(*PENETRANCE_RANGE, size)
     kind = np.array(
-        ["none" if e == "none" else ("novel" if e in NOVEL_EFFECTS else "shift") for e in effect_of],
+        [
+            "none" if e == "none" else ("novel" if e in NOVEL_EFFECTS else "shift")
+            for e in effect_of
+        ],
         dtype=object,
     )
     genes = pd.DataFrame(
@@ -373,6 +405,20 @@ def _design(
         index=pd.Index(guide_names, name="sgRNA"),
     )
     return genes, guides
+
+
+def _complex_sizes(rng: np.random.Generator, n: int) -> list[int]:
+    """Split ``n`` genes into complexes of 3-6 genes, enough to show every effect once if possible."""
+    low, high = COMPLEX_SIZES
+    if n < low:
+        return [n] if n else []
+    n_effects = len(SHIFT_EFFECTS) + len(NOVEL_EFFECTS)
+    n_complexes = min(n // low, max(n_effects, round(n / ((low + high) / 2))))
+    sizes = np.full(n_complexes, low)
+    for _ in range(n - low * n_complexes):  # add the rest one by one to complexes below `high`
+        open_ = np.flatnonzero(sizes < high)
+        sizes[rng.choice(open_) if open_.size else rng.integers(n_complexes)] += 1
+    return sizes.tolist()
 
 
 def _spread(rng: np.random.Generator, n_cells: int, n_groups: int) -> np.ndarray:
@@ -414,8 +460,8 @@ def _cells(
     gene_of_guide = guides["gene_symbol"].to_numpy()
     gene_row = genes.index.get_indexer(gene_of_guide[guide])  # -1 for controls
     control = gene_row < 0
-    effect_name = np.where(control, "none", genes["effect"].to_numpy()[gene_row])
-    effect = np.array([EFFECT_CODE[e] for e in effect_name], dtype=np.int64)
+    gene_effect = np.array([EFFECT_CODE[e] for e in genes["effect"]], dtype=np.int64)
+    effect = np.where(control, 0, gene_effect[gene_row])
     strength = np.where(control, 0.0, genes["strength"].to_numpy()[gene_row])
     penetrance = np.where(control, 0.0, genes["penetrance"].to_numpy()[gene_row])
     efficiency = guides["efficiency"].to_numpy()[guide]
@@ -476,7 +522,9 @@ def _validate(
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
             msg = f"`{name}` must be an integer >= {low}, got {value!r}."
             raise ValueError(msg)
-    if chunk_cells is not None and (not isinstance(chunk_cells, int | np.integer) or chunk_cells < 1):
+    if chunk_cells is not None and (
+        not isinstance(chunk_cells, int | np.integer) or chunk_cells < 1
+    ):
         msg = f"`chunk_cells` must be a positive integer or None, got {chunk_cells!r}."
         raise ValueError(msg)
     if not isinstance(crop_size, int | np.integer) or crop_size < 32:
@@ -486,11 +534,12 @@ def _validate(
         )
         raise ValueError(msg)
     if n_wells > _PLATE_FORMATS[-1][0]:
-        msg = f"`n_wells` must be at most {_PLATE_FORMATS[-1][0]} (a 384-well plate), got {n_wells}."
+        msg = (
+            f"`n_wells` must be at most {_PLATE_FORMATS[-1][0]} (a 384-well plate), got {n_wells}."
+        )
         raise ValueError(msg)
-    if (
-        len(tuple(tile_grid)) != 2
-        or not all(isinstance(t, int | np.integer) and t >= 1 for t in tile_grid)
+    if len(tuple(tile_grid)) != 2 or not all(
+        isinstance(t, int | np.integer) and t >= 1 for t in tile_grid
     ):
         msg = f"`tile_grid` must be two positive integers (rows, cols), got {tile_grid!r}."
         raise ValueError(msg)
@@ -518,6 +567,8 @@ def _validate(
         if ("://" not in text or text.startswith("file://")) and Path(
             text.removeprefix("file://")
         ).expanduser().exists():
-            msg = f"{text} already exists; pass `overwrite=True` to replace it or choose a new path."
+            msg = (
+                f"{text} already exists; pass `overwrite=True` to replace it or choose a new path."
+            )
             raise FileExistsError(msg)
     return n_ctrl

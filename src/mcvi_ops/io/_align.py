@@ -140,7 +140,8 @@ def clip_percentiles(
     out = image.copy() if copy else image
     for c in range(out.shape[0]):
         lo, hi = np.percentile(out[c], [low, high])
-        np.clip(out[c], lo, hi, out=out[c])
+        np.maximum(out[c], out.dtype.type(lo), out=out[c])
+        np.minimum(out[c], out.dtype.type(hi), out=out[c])
     return out
 
 

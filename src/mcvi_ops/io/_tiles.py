@@ -236,24 +236,38 @@ def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
     if (h, w) == (size, size) or n == 0:
         return crops.astype(np.float32, copy=False)
     stacked = crops.reshape(n * c, h, w).transpose(1, 2, 0).astype(np.float32, copy=False)
-    resized = resize(
-        stacked, (size, size), order=1, anti_aliasing=True, preserve_range=True, channel_axis=-1
-    )
+    # the last axis keeps its length, so it is neither smoothed nor interpolated
+    resized = resize(stacked, (size, size, n * c), order=1, anti_aliasing=True, preserve_range=True)
     return resized.transpose(2, 0, 1).reshape(n, c, size, size).astype(np.float32, copy=False)
 
 
 def cast_crops(crops: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast float crops to the output dtype, rounding and saturating for integers."""
+    """Cast pixels to the output dtype, rounding and saturating for integers."""
+    if crops.dtype == dtype:
+        return crops
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         if np.issubdtype(crops.dtype, np.floating):
             crops = np.rint(crops)
-        return np.clip(crops, info.min, info.max).astype(dtype)
-    return crops.astype(dtype, copy=False)
+            np.maximum(crops, info.min, out=crops)
+            np.minimum(crops, info.max, out=crops)
+        else:
+            crops = np.clip(crops, info.min, info.max)
+        return crops.astype(dtype)
+    return crops.astype(dtype)
 
 
 def process_tile(task: TileTask) -> TileResult:
     """Load, align, clip and crop one tile (runs in a worker process)."""
+    from threadpoolctl import threadpool_limits
+
+    # the small matrix products of sub-pixel registration are slower on many BLAS threads, and
+    # workers already run in parallel
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _process_tile(task)
+
+
+def _process_tile(task: TileTask) -> TileResult:
     p = task.params
     crop_size, out_size = p["crop_size"], p["resize_to"] or p["crop_size"]
     n_channels, dtype = p["n_channels"], np.dtype(p["dtype"])
@@ -289,10 +303,11 @@ def process_tile(task: TileTask) -> TileResult:
             image = image.astype(np.float32)  # a copy: never clip the caller's array in place
     if p["clip_percentiles"] is not None:
         image = clip_percentiles(image, p["clip_percentiles"], copy=False)
-    crops = crop_windows(image, rows[keep], cols[keep], crop_size)
     if p["resize_to"]:
-        crops = resize_crops(crops, out_size)
-    crops = cast_crops(crops, dtype)
+        crops = resize_crops(crop_windows(image, rows[keep], cols[keep], crop_size), out_size)
+        crops = cast_crops(crops, dtype)
+    else:  # cast the tile once: cheaper than casting overlapping crops
+        crops = crop_windows(cast_crops(image, dtype), rows[keep], cols[keep], crop_size)
     return TileResult(
         index=task.index,
         crops=crops,

@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..tl._utils import check_obs_key, get_rep, rep_label, rep_names
+from mcvi_ops.tl._utils import check_obs_key, get_rep, rep_label, rep_names
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def derive_covariates(
     fov_center_radius: float = 450,
     fov_edge_radius: float = 1200,
     tile_grid: Sequence[int] | None = None,
-    tile_order: Literal["row-major", "snake"] = "row-major",
+    tile_order: Literal["row-major", "column-major", "snake"] = "row-major",
     well_layout: Mapping | pd.Series | None = None,
     edge_width: int = 1,
 ) -> pd.DataFrame:
@@ -75,7 +75,9 @@ def derive_covariates(
         ``adata.uns["synthetic_screen"]["tile_grid"]`` if present.
     tile_order
         How tile indices run through the grid: ``"row-major"`` (tile ``t`` is at
-        ``divmod(t, n_cols)``) or ``"snake"`` (odd rows run right to left).
+        ``divmod(t, n_cols)``), ``"column-major"`` (``t`` is at ``(t % n_rows, t // n_rows)``) or
+        ``"snake"`` (row-major with odd rows running right to left; the boundary rule is symmetric,
+        so it labels tiles like ``"row-major"``).
     well_layout
         Mapping tile index -> ``"edge"``/``"center"`` (e.g. for the circular tile layouts of real
         wells); takes precedence over ``tile_grid``. Tiles not in the mapping get NaN.
@@ -106,8 +108,8 @@ def derive_covariates(
             f"{fov_center_radius} and {fov_edge_radius}."
         )
         raise ValueError(msg)
-    if tile_order not in ("row-major", "snake"):
-        msg = f"`tile_order` must be 'row-major' or 'snake', got {tile_order!r}."
+    if tile_order not in ("row-major", "column-major", "snake"):
+        msg = f"`tile_order` must be 'row-major', 'column-major' or 'snake', got {tile_order!r}."
         raise ValueError(msg)
     obs = adata.obs
     out = pd.DataFrame(index=obs.index)
@@ -127,15 +129,15 @@ def derive_covariates(
         pos[dist >= fov_edge_radius] = "edge"
         out["fov_position"] = pd.Categorical(pos, categories=POSITIONS)
     else:
-        logger.warning(
-            "No centroid columns %r/%r in .obs; fov_position not derived.", i_key, j_key
-        )
+        logger.warning("No centroid columns %r/%r in .obs; fov_position not derived.", i_key, j_key)
 
     grid = _tile_grid(adata, tile_grid)
     if well_layout is not None or grid is not None:
         tiles = check_obs_key(adata, tile_key, what="tile")
         if well_layout is not None:
-            layout = pd.Series(well_layout) if not isinstance(well_layout, pd.Series) else well_layout
+            layout = (
+                pd.Series(well_layout) if not isinstance(well_layout, pd.Series) else well_layout
+            )
             bad = set(layout.dropna().unique()) - set(POSITIONS)
             if bad:
                 msg = f"`well_layout` values must be 'edge' or 'center', got {sorted(bad)}."
@@ -150,7 +152,10 @@ def derive_covariates(
                     f"{n_rows * n_cols} tiles. Pass the right `tile_grid` or a `well_layout`."
                 )
                 raise ValueError(msg)
-            row, col = np.divmod(t, n_cols)
+            if tile_order == "column-major":
+                col, row = np.divmod(t, n_rows)
+            else:
+                row, col = np.divmod(t, n_cols)
             if tile_order == "snake":
                 col = np.where(row % 2 == 1, n_cols - 1 - col, col)
             edge = (
@@ -172,7 +177,7 @@ def derive_covariates(
 
 
 def _chance_f1(y: np.ndarray) -> float:
-    """Expected macro-F1 of guessing classes uniformly at random."""
+    """Return the expected macro-F1 of guessing classes uniformly at random."""
     _, counts = np.unique(y, return_counts=True)
     p = counts / counts.sum()
     q = 1 / counts.size
@@ -340,14 +345,14 @@ def technical_covariates(
         rows, per_batch = [], []
         for c in covariates:
             y_all = adata.obs[c].to_numpy()[mask]
-            fit_kwargs = dict(
-                test_size=test_size,
-                min_cells_per_class=min_cells_per_class,
-                max_cells=max_cells,
-                rng=rng,
-                C=C,
-                max_iter=max_iter,
-            )
+            fit_kwargs = {
+                "test_size": test_size,
+                "min_cells_per_class": min_cells_per_class,
+                "max_cells": max_cells,
+                "rng": rng,
+                "C": C,
+                "max_iter": max_iter,
+            }
             valid = pd.notna(y_all)
             if c in within_batch:
                 scores = []

@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..tl._utils import check_obs_key, get_rep, rep_label
+from mcvi_ops.tl._utils import check_obs_key, get_rep, rep_label
 
 logger = logging.getLogger(__name__)
 

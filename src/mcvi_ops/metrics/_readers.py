@@ -190,7 +190,8 @@ def as_pairs(source) -> pd.DataFrame:
         msg = f"A relationship DataFrame needs columns {list(PAIR_COLUMNS)}; got {list(source.columns)}."
         raise ValueError(msg)
     if isinstance(source, Mapping) and all(
-        isinstance(v, set | frozenset | list | tuple | np.ndarray | pd.Index) for v in source.values()
+        isinstance(v, set | frozenset | list | tuple | np.ndarray | pd.Index)
+        for v in source.values()
     ):
         return _pairs_from_sets(source)
     msg = (

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ..tl._utils import check_obs_key, get_rep, rep_label, rep_names
+from mcvi_ops.tl._utils import check_obs_key, get_rep, rep_label, rep_names
+
 from ._readers import normalize_sources
 
 logger = logging.getLogger(__name__)
@@ -194,8 +195,7 @@ def known_relationships(
             p: (float(qs[k]), float(qs[k + len(percentiles)])) for k, p in enumerate(percentiles)
         }
         tail_fraction = {
-            p: (np.count_nonzero(all_sims <= lo) + np.count_nonzero(all_sims >= hi))
-            / all_sims.size
+            p: (np.count_nonzero(all_sims <= lo) + np.count_nonzero(all_sims >= hi)) / all_sims.size
             for p, (lo, hi) in thresholds.items()
         }
         rows, curves = [], {}
@@ -234,13 +234,13 @@ def known_relationships(
             ap, recall, precision = average_precision_sorted(sub_sims, positive_scores)
             n_candidates = sub_sims.size
             del sub_sims
-            base = dict(
-                representation=label,
-                source=source,
-                n_genes=int(sub.size),
-                n_pairs=int(both.sum()),
-                n_candidate_pairs=int(n_candidates),
-            )
+            base = {
+                "representation": label,
+                "source": source,
+                "n_genes": int(sub.size),
+                "n_pairs": int(both.sum()),
+                "n_candidate_pairs": int(n_candidates),
+            }
             prevalence = both.sum() / n_candidates
             rows.append(
                 {**base, "metric": "average_precision", "value": ap, "baseline": prevalence}

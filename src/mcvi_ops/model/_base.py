@@ -104,7 +104,7 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         shuffle: bool = False,
         **kwargs,
     ) -> CropDataLoader:
-        adata = self._validate_anndata(adata, extend_categories=True)
+        adata = self._validate_anndata(adata)
         manager = self.get_anndata_manager(adata)
         if indices is None:
             indices = np.arange(adata.n_obs)
@@ -118,14 +118,21 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         )
 
     def _validate_anndata(
-        self, adata: AnnData | None = None, copy_if_view: bool = True, extend_categories=False
+        self, adata: AnnData | None = None, copy_if_view: bool = True, **kwargs
     ) -> AnnData:
-        if adata is None:
-            return super()._validate_anndata(None, copy_if_view=copy_if_view)
-        # query data may hold perturbations the model never saw; encoders do not need them
-        return super()._validate_anndata(
-            adata, copy_if_view=copy_if_view, extend_categories=True
-        )
+        if (
+            adata is not None
+            and self.get_anndata_manager(adata) is None
+            and self.adata_manager is not None
+        ):
+            # query data may hold perturbations the model never saw; encoders do not need them
+            if adata.is_view:
+                adata = adata.copy() if copy_if_view else adata
+            self._register_manager_for_instance(
+                self.adata_manager.transfer_fields(adata, extend_categories=True)
+            )
+            return adata
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     # --- training -------------------------------------------------------------------------
     def train(

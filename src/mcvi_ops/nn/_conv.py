@@ -58,7 +58,8 @@ class ConvEncoder(nn.Module):
         in_channels = n_channels
         for out_channels in n_filters:
             layers += [
-                nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1),
+                # no bias: the batch norm right after removes it
+                nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False),
                 nn.BatchNorm2d(out_channels),
                 nn.LeakyReLU(0.2),
             ]
@@ -130,6 +131,7 @@ class ConvDecoder(nn.Module):
                     stride=2,
                     padding=1,
                     output_padding=(pad_h, pad_w),
+                    bias=False,
                 ),
                 nn.BatchNorm2d(out_channels),
                 nn.LeakyReLU(0.2),

@@ -79,18 +79,19 @@ def aggregate(
     Examples
     --------
     >>> import mcvi_ops
-    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=2000, seed=0)
-    >>> adata.obsm["X_pca"] = mcvi_ops.tl.feature_embedding(
-    ...     adata, batch_key="well", n_comps=8, key_added="X_pca"
+    >>> adata.obsm["X_mcvae_salient"] = model.get_latent_representation(...)  # doctest: +SKIP
+    >>> genes = mcvi_ops.tl.aggregate(adata, use_rep="X_mcvae_salient")  # doctest: +SKIP
+    >>> guides = mcvi_ops.tl.aggregate(
+    ...     adata, use_rep=["X_mcvae_salient", "X_mcvae_background"], level="guide"
     ... )  # doctest: +SKIP
-    >>> genes = mcvi_ops.tl.aggregate(adata, use_rep="X_pca")  # doctest: +SKIP
-    >>> guides = mcvi_ops.tl.aggregate(adata, use_rep="X_pca", level="guide")  # doctest: +SKIP
     """
     if level not in ("gene", "guide"):
         msg = f"`level` must be 'gene' or 'guide', got {level!r}."
         raise ValueError(msg)
     if isinstance(by, str) or len(by) != 2:
-        msg = f"`by` must be a pair (guide_key, gene_key), e.g. ('sgRNA', 'gene_symbol'); got {by!r}."
+        msg = (
+            f"`by` must be a pair (guide_key, gene_key), e.g. ('sgRNA', 'gene_symbol'); got {by!r}."
+        )
         raise ValueError(msg)
     guide_key, gene_key = by
     reps = rep_names(use_rep)
@@ -201,8 +202,10 @@ def aggregate(
         **{k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in info.items()},
     }
     logger.info(
-        "Aggregated %d cells into %d %s rows (%s).", valid.sum(), out.n_obs, level, ", ".join(
-            rep_label(r) for r in reps
-        )
+        "Aggregated %d cells into %d %s rows (%s).",
+        valid.sum(),
+        out.n_obs,
+        level,
+        ", ".join(rep_label(r) for r in reps),
     )
     return out

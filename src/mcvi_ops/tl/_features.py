@@ -187,5 +187,9 @@ def to_mudata(
             raise ValueError(msg)
         logger.info("Reordering features_adata to the cell order of image_adata.")
         features_adata = features_adata[a].copy()
-    mdata = MuData({image_key: image_adata, features_key: features_adata})
+    import mudata
+
+    with mudata.set_options(pull_on_update=False):
+        mdata = MuData({image_key: image_adata, features_key: features_adata})
+        mdata.pull_obs(mods=image_key)
     return mdata

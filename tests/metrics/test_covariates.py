@@ -1,0 +1,97 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from mcvi_ops.metrics import derive_covariates, technical_covariates
+
+
+def test_derive_covariates_hand_computed():
+    obs = pd.DataFrame(
+        {
+            "plate": ["p1", "p1", "p1", "p2"],
+            "well": ["A1", "A1", "A2", "A1"],
+            "tile": [4, 0, 5, 7],
+            "cell_i": [1480.0, 100.0, 1480.0 + 600, 1480.0],
+            "cell_j": [1480.0 + 300, 100.0, 1480.0, 2900.0],
+        },
+        index=list("abcd"),
+    )
+    adata = ad.AnnData(obs=obs)
+    adata.uns["synthetic_screen"] = {"tile_grid": [3, 3], "tile_size": 2960}
+    out = derive_covariates(adata)
+    assert adata.obs["batch"].tolist() == ["p1_A1", "p1_A1", "p1_A2", "p2_A1"]
+    # distances to the tile centre: 300 (centre), 1950 (edge), 600 (in between), 1420 (edge)
+    assert out["fov_position"].astype(object).tolist()[:2] == ["center", "edge"]
+    assert pd.isna(out["fov_position"].iloc[2])
+    assert out["fov_position"].iloc[3] == "edge"
+    # 3 x 3 grid: only tile 4 is away from the boundary
+    assert adata.obs["well_position"].tolist() == ["center", "edge", "edge", "edge"]
+
+    layout = {4: "edge", 0: "center", 5: "center"}
+    derive_covariates(adata, well_layout=layout)
+    assert adata.obs["well_position"].astype(object).tolist()[:3] == ["edge", "center", "center"]
+    assert pd.isna(adata.obs["well_position"].iloc[3])
+
+    derive_covariates(adata, tile_grid=[2, 5], tile_order="column-major")
+    # column-major on 2 rows: tile 4 -> (0, 2), 5 -> (1, 2), 7 -> (1, 3): rows 0/1 are edges
+    assert (adata.obs["well_position"] == "edge").all()
+    with pytest.raises(ValueError, match="tile_grid"):
+        derive_covariates(adata, tile_grid=[2, 2])
+
+
+def _screen(n=900, seed=0):
+    rng = np.random.default_rng(seed)
+    obs = pd.DataFrame(
+        {
+            "batch": rng.choice(["w1", "w2", "w3"], n),
+            "fov_position": rng.choice(["center", "edge"], n),
+            "well_position": rng.choice(["center", "edge"], n),
+            "gene_symbol": np.where(rng.random(n) < 0.8, "nontargeting", "G1"),
+        },
+        index=np.arange(n).astype(str),
+    )
+    adata = ad.AnnData(obs=obs)
+    onehot = pd.get_dummies(obs["batch"]).to_numpy(dtype=float)
+    adata.obsm["X_batchy"] = np.c_[3 * onehot, rng.normal(size=(n, 5))]
+    adata.obsm["X_noise"] = rng.normal(size=(n, 8))
+    return adata
+
+
+def test_batch_encoding_scores_high_noise_at_chance():
+    adata = _screen()
+    df = technical_covariates(adata, use_rep=["X_batchy", "X_noise"])
+    res = df.set_index(["representation", "covariate"])
+    assert res.loc[("X_batchy", "batch"), "auroc"] > 0.95
+    assert res.loc[("X_batchy", "batch"), "macro_f1"] > 0.9
+    for cov in ("batch", "fov_position", "well_position"):
+        assert 0.35 < res.loc[("X_noise", cov), "auroc"] < 0.65
+        chance = res.loc[("X_noise", cov), "f1_chance"]
+        assert abs(res.loc[("X_noise", cov), "macro_f1"] - chance) < 0.15
+    assert res.loc[("X_noise", "fov_position"), "n_batches"] == 3
+    assert res.loc[("X_noise", "fov_position"), "scope"] == "within-batch median"
+    assert (
+        res.loc[("X_noise", "batch"), "n_cells"]
+        == (adata.obs["gene_symbol"] == "nontargeting").sum()
+    )
+    per_batch = adata.uns["technical_covariates"]["X_noise"]["per_batch"]
+    assert len(per_batch) == 6
+
+
+def test_max_cells_subsamples():
+    adata = _screen()
+    df = technical_covariates(adata, use_rep="X_noise", covariates=("batch",), max_cells=200)
+    assert df["n_cells"].iloc[0] == 200
+
+
+def test_errors():
+    adata = _screen()
+    adata.obs["one"] = "x"
+    with pytest.raises(ValueError, match="1 class"):
+        technical_covariates(adata, use_rep="X_noise", covariates=("one",))
+    with pytest.raises(KeyError, match="Did not find the covariate"):
+        technical_covariates(adata, use_rep="X_noise", covariates=("plate_row",))
+    with pytest.raises(KeyError, match=r"Did not find \.obsm"):
+        technical_covariates(adata, use_rep="X_mcvae", covariates=("batch",))
+    with pytest.raises(ValueError, match="No control cells"):
+        technical_covariates(adata, use_rep="X_noise", control_category="NTC")

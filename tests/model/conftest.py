@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import pytest
+
+import mcvi_ops
+
+
+@pytest.fixture(scope="module")
+def screen_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("screen") / "crops.zarr"
+
+
+@pytest.fixture
+def screen(screen_path):
+    """A tiny screen on disk: 360 cells, 6 genes, 32 px crops."""
+    return mcvi_ops.data.synthetic_screen(
+        n_cells=360,
+        n_genes=6,
+        n_control_guides=4,
+        crop_size=32,
+        seed=0,
+        path=screen_path,
+        overwrite=True,
+    )
+
+
+FAST_MODULE = {"encoder_filters": (8, 8, 16, 16, 16), "decoder_filters": (16, 16, 16, 8, 8)}
+FAST_TRAIN = {"max_epochs": 1, "batch_size": 64, "enable_progress_bar": False}

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mcvi_ops.module import CropTransform, ImageVAE, MultiContrastiveVAE
+
+
+def _batch(n=8, n_perturbations=4, size=32):
+    perturbation = torch.arange(n) % n_perturbations  # code 0 = controls
+    return {
+        "X": torch.rand(n, 2, size, size) * 3000,
+        "perturbation": perturbation.unsqueeze(-1),
+    }
+
+
+@pytest.mark.parametrize("prior", ["both", "salient", "background", "none"])
+def test_controls_salient_is_exactly_zero_in_the_loss_path(prior):
+    module = MultiContrastiveVAE(2, (32, 32), 4, prior=prior, n_salient_latent=5)
+    batch = _batch()
+    inference, generative, loss = module(batch)
+    control = batch["perturbation"].reshape(-1) == 0
+    assert torch.equal(inference["s"][control], torch.zeros_like(inference["s"][control]))
+    assert (inference["s"][~control] != 0).all()
+    # no KL on s for controls; the Wasserstein penalty only for controls
+    assert torch.all(loss.kl_local["kl_salient"][control] == 0)
+    assert torch.all(loss.kl_local["kl_salient"][~control] > 0)
+    qs = inference["qs"]
+    expected = ((qs.loc**2 + qs.scale**2).sum(-1) * control).sum() / control.sum()
+    torch.testing.assert_close(loss.extra_metrics["wasserstein_control"], expected)
+    assert generative["px_mean"].shape == batch["X"].shape
+
+
+def test_loss_is_elbo_plus_penalty():
+    module = MultiContrastiveVAE(2, (32, 32), 4, wasserstein_penalty=3.0)
+    batch = _batch()
+    inference, generative, _ = module(batch)
+    out = module.loss(batch, inference, generative, kl_weight=0.5)
+    control = (batch["perturbation"].reshape(-1) == 0).float()
+    qs = inference["qs"]
+    penalty = (qs.loc**2 + qs.scale**2).sum(-1) * control
+    kl = out.kl_local["kl_background"] + out.kl_local["kl_salient"]
+    expected = (out.reconstruction_loss["reconstruction_loss"] + 0.5 * kl + 3.0 * penalty).mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_prior_means_control_background_is_fixed_at_zero():
+    module = MultiContrastiveVAE(2, (32, 32), 4)
+    with torch.no_grad():
+        module.background_prior_mean.weight.fill_(1.0)
+        module.salient_prior_mean.weight.fill_(2.0)
+    mean_z, mean_s = module.prior_means(torch.tensor([0, 1, 3]))
+    assert torch.equal(mean_z[0], torch.zeros(32))
+    assert torch.equal(mean_z[1], torch.ones(32))
+    assert torch.equal(mean_s[2], torch.full((32,), 2.0))
+    none = MultiContrastiveVAE(2, (32, 32), 4, prior="none")
+    assert none.background_prior_mean is None and none.salient_prior_mean is None
+    assert torch.equal(none.prior_means(torch.tensor([2]))[0], torch.zeros(1, 32))
+
+
+def test_batch_covariate_goes_to_decoder_only():
+    module = MultiContrastiveVAE(2, (32, 32), 4, n_batch=3)
+    batch = _batch()
+    batch["batch"] = torch.tensor([[0], [1], [2], [0], [1], [2], [0], [1]])
+    _, generative, _ = module(batch)
+    assert generative["px_mean"].shape == (8, 2, 32, 32)
+    assert module.background_encoder.features[0].in_channels == 2
+    assert module.decoder.project[0].in_features == 64 + 3
+    with pytest.raises(ValueError, match="batch_index"):
+        module.generative(torch.zeros(1, 32), torch.zeros(1, 32))
+
+
+def test_sample_decodes_priors():
+    module = MultiContrastiveVAE(2, (32, 32), 4)
+    images = module.sample(torch.tensor([0, 2]), n_samples=3)
+    assert images.shape == (3, 2, 2, 32, 32)
+
+
+def test_transform_fit_and_inverse(rng):
+    transform = CropTransform(2, cofactor=5.0)
+    crops = rng.gamma(2.0, 300.0, size=(50, 2, 8, 8)).astype(np.float32)
+    transform.fit(crops)
+    y = transform(torch.as_tensor(crops))
+    assert y.min() >= -1 and y.max() <= 1
+    assert abs(float(y.mean())) < 0.5
+    inside = (y > -1) & (y < 1)
+    torch.testing.assert_close(
+        transform.inverse(y)[inside], torch.as_tensor(crops)[inside], rtol=1e-3, atol=1e-2
+    )
+
+
+def test_image_vae_loss():
+    module = ImageVAE(2, (32, 32), n_latent=7)
+    inference, generative, loss = module(_batch())
+    assert inference["qz"].loc.shape == (8, 7)
+    assert loss.loss.ndim == 0
+    assert module.sample(2).shape == (2, 2, 32, 32)
