@@ -4,6 +4,7 @@ from ._covariates import derive_covariates, technical_covariates
 from ._function import function_classification, recall_difference
 from ._readers import read_gene_groups, read_gene_sets, read_relationships
 from ._relationships import known_relationships
+from ._synthetic import score_synthetic_screen
 
 __all__ = [
     "derive_covariates",
@@ -13,5 +14,6 @@ __all__ = [
     "read_gene_sets",
     "read_relationships",
     "recall_difference",
+    "score_synthetic_screen",
     "technical_covariates",
 ]

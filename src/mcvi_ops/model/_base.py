@@ -177,10 +177,10 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         early_stopping_patience
             Epochs without improvement before stopping.
         n_epochs_kl_warmup
-            Epochs over which the KL weight grows linearly from 0 to 1. Default: a third of
-            ``max_epochs`` (ignored when ``n_steps_kl_warmup`` is given).
+            Epochs over which the KL weight grows linearly from 0 to 1, instead of steps.
         n_steps_kl_warmup
-            Minibatches over which the KL weight grows, instead of epochs.
+            Minibatches over which the KL weight grows from 0 to 1. Default: a third of all
+            training steps.
         gradient_clip_val
             Clip the gradient norm to this value (`None`: no clipping).
         accelerator
@@ -219,7 +219,9 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
         if n_epochs_kl_warmup is None and n_steps_kl_warmup is None:
-            n_epochs_kl_warmup = max(1, max_epochs // 3)
+            # warm up over the first third of all steps (per step, so 1-2 epoch runs on big
+            # screens warm up smoothly instead of jumping from 0 to 1 at an epoch boundary)
+            n_steps_kl_warmup = max(1, self._steps_per_epoch(batch_size, train_size) * max_epochs // 3)
         plan = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -254,6 +256,14 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
             plan_kwargs=plan,
             **trainer_kwargs,
         )
+
+    def _steps_per_epoch(self, batch_size: int, train_size: float) -> int:
+        codes = self.adata_manager.get_from_registry(PERTURBATION_KEY).reshape(-1)
+        if self._balanced_training:
+            n_cells, per_batch = int((codes != CONTROL_CODE).sum()), batch_size // 2
+        else:
+            n_cells, per_batch = len(codes), batch_size
+        return max(1, math.ceil(n_cells * train_size / per_batch))
 
     # --- inference helpers ----------------------------------------------------------------
     def _iterate(

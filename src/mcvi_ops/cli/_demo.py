@@ -1,0 +1,175 @@
+"""``mcvi-ops demo`` (simulate, train MCVAE, embed, plot, score) and ``mcvi-ops simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+UMAP_COLORS = ("well", "fov_position", "effect_kind")
+
+
+def add_parser(subparsers) -> None:
+    """Add the ``demo`` sub-command."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="Simulate a screen, train MCVAE, write embeddings, UMAPs and scores.",
+        description=(
+            "The main job: simulate an optical pooled screen, train the Multi-Contrastive VAE "
+            "with its defaults, write the AnnData with salient and background embeddings, UMAP "
+            "PNGs, the model and a table of scores against the simulation's ground truth."
+        ),
+    )
+    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="Output folder.")
+    parser.add_argument("--n-cells", type=int, default=10_000, help="Cells to simulate.")
+    parser.add_argument("--n-genes", type=int, default=60, help="Genes to simulate.")
+    parser.add_argument("--crop-size", type=int, default=64, help="Crop size in pixels.")
+    parser.add_argument("--max-epochs", type=int, default=None, help="Default: a heuristic.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of simulation and training.")
+    parser.add_argument(
+        "--format", choices=("h5ad", "zarr"), default="h5ad", help="AnnData file format."
+    )
+    parser.set_defaults(func=run)
+
+
+def add_simulate_parser(subparsers) -> None:
+    """Add the ``simulate`` sub-command."""
+    parser = subparsers.add_parser(
+        "simulate",
+        help="Write a simulated screen (crop store + AnnData) to disk.",
+        description="Simulate an optical pooled screen and write its crops and AnnData.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument("--n-cells", type=int, default=10_000)
+    parser.add_argument("--n-genes", type=int, default=60)
+    parser.add_argument("--crop-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="Replace existing outputs.")
+    parser.set_defaults(func=run_simulate)
+
+
+def _simulate(out: Path, *, n_cells: int, n_genes: int, crop_size: int, seed: int, overwrite: bool):
+    from mcvi_ops.data import synthetic_screen
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    adata = synthetic_screen(
+        n_cells=n_cells,
+        n_genes=n_genes,
+        crop_size=crop_size,
+        seed=seed,
+        path=out / "crops.zarr",
+        overwrite=overwrite,
+    )
+    seconds = time.perf_counter() - start
+    truth = adata.uns["ground_truth"]
+    print(
+        f"Simulated {adata.n_obs:,} cells ({n_cells / seconds:,.0f} cells/s): "
+        f"{adata.obs['gene_symbol'].nunique() - 1} genes, {adata.obs['sgRNA'].nunique()} guides, "
+        f"{adata.obs['well'].nunique()} wells, {crop_size}x{crop_size} px crops in {out / 'crops.zarr'}"
+    )
+    print("Genes per effect kind: " + ", ".join(
+        f"{kind} {count}" for kind, count in truth["effect_kind"].value_counts().items()
+    ))
+    return adata
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Simulate a screen and write it to ``args.out``."""
+    adata = _simulate(
+        args.out,
+        n_cells=args.n_cells,
+        n_genes=args.n_genes,
+        crop_size=args.crop_size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    adata.write_h5ad(args.out / "screen.h5ad")
+    print(f"Wrote {args.out / 'screen.h5ad'}")
+    return 0
+
+
+def _umaps(adata, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mcvi_ops import pl
+
+    paths = []
+    reps = ("X_mcvae_salient", "X_mcvae_background")
+    for color in UMAP_COLORS:
+        fig, axs = plt.subplots(1, 2, figsize=(11, 4.5))
+        pl.salient_background(adata, color=color, reps=reps, axs=axs, frameon=False)
+        fig.suptitle(f"MCVAE latent spaces coloured by {color}")
+        fig.tight_layout()
+        path = out / f"umap_{color}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    """Simulate, train, embed, plot and score; see ``mcvi-ops demo --help``."""
+    import scvi
+
+    from mcvi_ops import MCVAE, metrics
+
+    total = time.perf_counter()
+    out: Path = args.out
+    adata = _simulate(
+        out,
+        n_cells=args.n_cells,
+        n_genes=args.n_genes,
+        crop_size=args.crop_size,
+        seed=args.seed,
+        overwrite=True,
+    )
+    scvi.settings.seed = args.seed
+    MCVAE.setup_anndata(adata, perturbation_key="gene_symbol", control_category="nontargeting")
+    model = MCVAE(adata)
+    start = time.perf_counter()
+    model.train(max_epochs=args.max_epochs)
+    train_s = time.perf_counter() - start
+    history = model.history
+    epochs = len(history["train_loss"])
+    print(
+        f"Trained MCVAE for {epochs} epochs in {train_s:.0f} s; validation loss "
+        f"{float(history['validation_loss'].iloc[0, 0]):,.0f} -> "
+        f"{float(history['validation_loss'].iloc[-1, 0]):,.0f}"
+    )
+    start = time.perf_counter()
+    for kind in ("salient", "background", "both"):
+        model.get_latent_representation(kind=kind, add_to_obsm=True)
+    print(f"Embedded {adata.n_obs:,} cells in {time.perf_counter() - start:.1f} s")
+    metrics.derive_covariates(adata)
+    for path in _umaps(adata, out):
+        print(f"Wrote {path}")
+    scores = metrics.score_synthetic_screen(
+        adata,
+        use_rep=["X_mcvae_salient", "X_mcvae_background", "X_mcvae"],
+        salient_background={"X_mcvae": ("X_mcvae_salient", "X_mcvae_background")},
+    )
+    table = scores.pivot(index="representation", columns="metric", values="value")
+    table.to_csv(out / "scores.csv")
+    print("Scores against the simulation's ground truth:")
+    print(table.round(3).to_string())
+    model.save(out / "model", overwrite=True)
+    name = "screen.h5ad" if args.format == "h5ad" else "screen.anndata.zarr"
+    for key in list(adata.uns):
+        if key.startswith("neighbors_"):  # graphs are large and cheap to recompute
+            del adata.uns[key]
+    for key in list(adata.obsp):
+        del adata.obsp[key]
+    if args.format == "h5ad":
+        adata.write_h5ad(out / name)
+    else:
+        adata.write_zarr(out / name)
+    print(f"Wrote {out / name} and {out / 'model'}")
+    print(f"Done in {time.perf_counter() - total:.0f} s")
+    return 0
