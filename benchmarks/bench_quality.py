@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 import scvi
+from _report import machine_line, markdown_table
 
 import mcvi_ops
 from mcvi_ops import MCVAE, VAE
-
-from _report import machine_line, markdown_table
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
@@ -46,7 +45,11 @@ def run(name, adata, train_kwargs, module_kwargs, seed):
     model.train(enable_progress_bar=False, **train_kwargs)
     seconds = time.perf_counter() - start
     history = pd.concat(
-        {k: v.iloc[:, 0] for k, v in model.history.items() if k in ("train_loss", "validation_loss", "kl_weight")},
+        {
+            k: v.iloc[:, 0]
+            for k, v in model.history.items()
+            if k in ("train_loss", "validation_loss", "kl_weight")
+        },
         axis=1,
     )
     if cls is MCVAE:
@@ -73,7 +76,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     suffix = f"_{args.tag}" if args.tag else ""
     with tempfile.TemporaryDirectory() as tmp:
-        adata = mcvi_ops.data.synthetic_screen(n_cells=args.n_cells, seed=0, path=Path(tmp) / "s.zarr")
+        adata = mcvi_ops.data.synthetic_screen(
+            n_cells=args.n_cells, seed=0, path=Path(tmp) / "s.zarr"
+        )
         rows, reps, pairs, curves = [], [], {}, {}
         for name in args.models:
             seconds, epochs, history, model_reps, model_pairs = run(
@@ -83,10 +88,19 @@ def main() -> None:
             reps += model_reps
             pairs.update(model_pairs)
             last = history.iloc[-1]
-            rows.append({"model": name, "train_s": round(seconds, 1), "epochs": epochs,
-                         "train_loss": float(last["train_loss"]), "validation_loss": float(last["validation_loss"])})
+            rows.append(
+                {
+                    "model": name,
+                    "train_s": round(seconds, 1),
+                    "epochs": epochs,
+                    "train_loss": float(last["train_loss"]),
+                    "validation_loss": float(last["validation_loss"]),
+                }
+            )
             print(rows[-1], flush=True)
-        scores = mcvi_ops.metrics.score_synthetic_screen(adata, use_rep=reps, salient_background=pairs)
+        scores = mcvi_ops.metrics.score_synthetic_screen(
+            adata, use_rep=reps, salient_background=pairs
+        )
     table = scores.pivot(index="representation", columns="metric", values="value").round(3)
     runs = pd.DataFrame(rows)
     print(runs.to_string(index=False))

@@ -14,7 +14,10 @@ from mcvi_ops.data._fields import PerturbationField
 
 def _manager(index_key="crop_index"):
     return AnnDataManager(
-        fields=[ImageField("crops", index_key=index_key), CategoricalObsField("labels", "gene_symbol")]
+        fields=[
+            ImageField("crops", index_key=index_key),
+            CategoricalObsField("labels", "gene_symbol"),
+        ]
     )
 
 

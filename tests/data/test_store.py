@@ -81,7 +81,11 @@ def test_take_reads_each_touched_chunk_once(tmp_path, crops, monkeypatch):
 
 def test_streaming_writer_more_rows_than_a_batch(tmp_path, crops):
     with CropWriter(
-        tmp_path / "s.zarr", n_channels=4, crop_size=(12, 10), channel_names=CHANNELS, chunk_cells=16
+        tmp_path / "s.zarr",
+        n_channels=4,
+        crop_size=(12, 10),
+        channel_names=CHANNELS,
+        chunk_cells=16,
     ) as writer:
         for start in range(0, 150, 7):
             writer.append(crops[start : start + 7])
@@ -111,7 +115,9 @@ def test_errors(tmp_path, crops):
     with pytest.raises(ValueError, match="unique"):
         write_crops(tmp_path / "c.zarr", crops, channel_names=["a", "a", "b", "c"])
     with pytest.raises(TypeError, match="uint8, uint16 or float32"):
-        CropWriter(tmp_path / "d.zarr", n_channels=1, crop_size=4, channel_names=["a"], dtype=np.int64)
+        CropWriter(
+            tmp_path / "d.zarr", n_channels=1, crop_size=4, channel_names=["a"], dtype=np.int64
+        )
     write_crops(tmp_path / "e.zarr", crops, channel_names=CHANNELS)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         write_crops(tmp_path / "e.zarr", crops, channel_names=CHANNELS)

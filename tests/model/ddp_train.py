@@ -54,7 +54,9 @@ def main(screen_dir: Path, out_dir: Path) -> None:
     weights = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
     record = {
         "rank": rank,
-        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "world_size": torch.distributed.get_world_size()
+        if torch.distributed.is_initialized()
+        else 1,
         "epochs": {str(k): v for k, v in recorder.seen.items()},
         "weights_sum": float(weights.double().sum()),
         "weights_abs_sum": float(weights.double().abs().sum()),

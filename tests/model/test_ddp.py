@@ -18,14 +18,22 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     screen = mcvi_ops.data.synthetic_screen(
-        n_cells=360, n_genes=6, n_control_guides=4, crop_size=32, seed=0,
+        n_cells=360,
+        n_genes=6,
+        n_control_guides=4,
+        crop_size=32,
+        seed=0,
         path=tmp_path / "crops.zarr",
     )
     screen.write_h5ad(tmp_path / "screen.h5ad")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -119,7 +119,9 @@ def test_outputs_images(screen):
 
 
 def test_batch_covariate(screen):
-    screen.obs["plate_well"] = (screen.obs["plate"].astype(str) + "_" + screen.obs["well"].astype(str))
+    screen.obs["plate_well"] = (
+        screen.obs["plate"].astype(str) + "_" + screen.obs["well"].astype(str)
+    )
     MCVAE.setup_anndata(screen, perturbation_key="gene_symbol", batch_key="plate_well")
     model = MCVAE(screen, **FAST_MODULE)
     assert model.module.n_batch == screen.obs["plate_well"].nunique()
@@ -181,3 +183,18 @@ def test_model_errors(screen):
         model.decode(np.zeros((2, 5)), np.zeros((2, 32)))
     with pytest.raises(KeyError, match="not among"):
         model.decode_priors(["NOPE"])
+
+
+def test_bf16_mixed_precision_trains(screen):
+    model = _model(screen)
+    model.train(**FAST_TRAIN, precision="bf16-mixed", accelerator="cpu")
+    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+    assert model.get_latent_representation().dtype == np.float32
+
+
+def test_default_max_epochs_heuristic():
+    from mcvi_ops.model import default_max_epochs
+
+    assert default_max_epochs(31_000_000) == 2
+    assert default_max_epochs(10_000) > default_max_epochs(100_000) >= 2
+    assert default_max_epochs(10) == 40

@@ -71,9 +71,12 @@ def _simulate(out: Path, *, n_cells: int, n_genes: int, crop_size: int, seed: in
         f"{adata.obs['gene_symbol'].nunique() - 1} genes, {adata.obs['sgRNA'].nunique()} guides, "
         f"{adata.obs['well'].nunique()} wells, {crop_size}x{crop_size} px crops in {out / 'crops.zarr'}"
     )
-    print("Genes per effect kind: " + ", ".join(
-        f"{kind} {count}" for kind, count in truth["effect_kind"].value_counts().items()
-    ))
+    print(
+        "Genes per effect kind: "
+        + ", ".join(
+            f"{kind} {count}" for kind, count in truth["effect_kind"].value_counts().items()
+        )
+    )
     return adata
 
 

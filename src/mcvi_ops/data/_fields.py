@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pandas as pd
 import rich
 from anndata import AnnData
-import pandas as pd
 from scvi.data.fields import BaseAnnDataField, CategoricalObsField
 
 from ._link import DEFAULT_INDEX_KEY, UNS_KEY, _check_indices, crop_reference, linked_store

@@ -238,9 +238,7 @@ class CropStore:
         chunk_of = unique // self.chunk_cells
         # one read per touched chunk, spanning only the rows needed inside it
         boundaries = np.flatnonzero(np.diff(chunk_of)) + 1
-        for lo, hi in zip(
-            np.r_[0, boundaries], np.r_[boundaries, unique.size], strict=True
-        ):
+        for lo, hi in zip(np.r_[0, boundaries], np.r_[boundaries, unique.size], strict=True):
             first, last = int(unique[lo]), int(unique[hi - 1])
             block = self._array[first : last + 1]
             out[lo:hi] = block[unique[lo:hi] - first]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 from anndata import AnnData
 from sklearn.metrics import roc_auc_score

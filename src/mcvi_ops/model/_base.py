@@ -73,7 +73,9 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     def _image_layout(self) -> tuple[int, tuple[int, int], int, int]:
         stats = self.summary_stats
-        n_batch = int(stats.get("n_batch", 0)) if BATCH_KEY in self.adata_manager.data_registry else 0
+        n_batch = (
+            int(stats.get("n_batch", 0)) if BATCH_KEY in self.adata_manager.data_registry else 0
+        )
         return (
             int(stats["n_channels"]),
             (int(stats["crop_height"]), int(stats["crop_width"])),
@@ -221,7 +223,9 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         if n_epochs_kl_warmup is None and n_steps_kl_warmup is None:
             # warm up over the first third of all steps (per step, so 1-2 epoch runs on big
             # screens warm up smoothly instead of jumping from 0 to 1 at an epoch boundary)
-            n_steps_kl_warmup = max(1, self._steps_per_epoch(batch_size, train_size) * max_epochs // 3)
+            n_steps_kl_warmup = max(
+                1, self._steps_per_epoch(batch_size, train_size) * max_epochs // 3
+            )
         plan = {
             "lr": lr,
             "weight_decay": weight_decay,

@@ -178,7 +178,9 @@ class MCVAE(BaseImageModel):
             msg = f"`kind` must be 'salient', 'background' or 'both', got {kind!r}."
             raise ValueError(msg)
         if add_to_obsm and indices is not None:
-            msg = "`add_to_obsm=True` embeds every row; drop `indices` or write the result yourself."
+            msg = (
+                "`add_to_obsm=True` embeds every row; drop `indices` or write the result yourself."
+            )
             raise ValueError(msg)
         self.module.eval()
         salient, background = [], []
@@ -251,7 +253,10 @@ class MCVAE(BaseImageModel):
                 f"{tuple(z.shape)} and {tuple(s.shape)}."
             )
             raise ValueError(msg)
-        if z.shape[1] != self.module.n_background_latent or s.shape[1] != self.module.n_salient_latent:
+        if (
+            z.shape[1] != self.module.n_background_latent
+            or s.shape[1] != self.module.n_salient_latent
+        ):
             msg = (
                 f"Expected {self.module.n_background_latent} background and "
                 f"{self.module.n_salient_latent} salient dimensions, got {z.shape[1]} and {s.shape[1]}."

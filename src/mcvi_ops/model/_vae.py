@@ -48,7 +48,9 @@ class VAE(BaseImageModel):
     _module_cls = ImageVAE
     _balanced_training = False
 
-    def __init__(self, adata: AnnData | None = None, *, n_latent: int = 64, **module_kwargs) -> None:
+    def __init__(
+        self, adata: AnnData | None = None, *, n_latent: int = 64, **module_kwargs
+    ) -> None:
         super().__init__(adata)
         n_channels, crop_size, _, n_batch = self._image_layout()
         self.module = self._module_cls(
@@ -129,7 +131,9 @@ class VAE(BaseImageModel):
         ``adata.obsm["X_vae"]``.
         """
         if add_to_obsm and indices is not None:
-            msg = "`add_to_obsm=True` embeds every row; drop `indices` or write the result yourself."
+            msg = (
+                "`add_to_obsm=True` embeds every row; drop `indices` or write the result yourself."
+            )
             raise ValueError(msg)
         self.module.eval()
         latent = [

@@ -11,9 +11,9 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from mcvi_ops._constants import BATCH_KEY, CONTROL_CODE, PERTURBATION_KEY, X_KEY
 from mcvi_ops.nn import ConvDecoder, ConvEncoder
 
-from mcvi_ops._constants import BATCH_KEY, CONTROL_CODE, PERTURBATION_KEY, X_KEY
 from ._transform import CropTransform
 
 PriorKind = Literal["both", "salient", "background", "none"]
@@ -26,7 +26,9 @@ class GaussianImageLikelihood(nn.Module):
         super().__init__()
         self.min_scale = float(min_scale)
         offset = max(scale_init - min_scale, 1e-4)
-        self.raw_scale = nn.Parameter(torch.full((n_channels, 1, 1), float(torch.log(torch.expm1(torch.tensor(offset))))))
+        self.raw_scale = nn.Parameter(
+            torch.full((n_channels, 1, 1), float(torch.log(torch.expm1(torch.tensor(offset)))))
+        )
 
     @property
     def scale(self) -> torch.Tensor:
@@ -209,7 +211,8 @@ class MultiContrastiveVAE(BaseModuleClass):
         """The likelihood of the (transformed) crop given ``z`` and ``s``."""
         latent = self._decoder_input(z, s, batch_index)
         lead = latent.shape[:-1]
-        mean = self.decoder(latent.reshape(-1, latent.shape[-1]))
+        # float32 likelihood under mixed precision: it sums over every pixel of the crop
+        mean = self.decoder(latent.reshape(-1, latent.shape[-1])).float()
         mean = mean.reshape(*lead, *mean.shape[1:])
         return {"px": self.likelihood(mean), "px_mean": mean}
 

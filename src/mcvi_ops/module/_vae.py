@@ -92,7 +92,7 @@ class ImageVAE(BaseModuleClass):
             one_hot = F.one_hot(batch_index.reshape(-1).long(), self.n_batch).to(z.dtype)
             parts.append(one_hot.expand(*z.shape[:-1], self.n_batch))
         latent = torch.cat(parts, dim=-1)
-        mean = self.decoder(latent.reshape(-1, latent.shape[-1]))
+        mean = self.decoder(latent.reshape(-1, latent.shape[-1])).float()
         mean = mean.reshape(*latent.shape[:-1], *mean.shape[1:])
         return {"px": self.likelihood(mean), "px_mean": mean}
 
@@ -117,7 +117,9 @@ class ImageVAE(BaseModuleClass):
         )
 
     @torch.inference_mode()
-    def sample(self, n_samples: int = 1, *, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, n_samples: int = 1, *, batch_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Decode draws from the N(0, I) prior, on the [-1, 1] scale: (n_samples, C, H, W)."""
         z = torch.randn(n_samples, self.n_latent, device=self.device)
         return self.generative(z, batch_index)["px_mean"]

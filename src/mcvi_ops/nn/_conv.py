@@ -59,7 +59,9 @@ class ConvEncoder(nn.Module):
         for out_channels in n_filters:
             layers += [
                 # no bias: the batch norm right after removes it
-                nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.Conv2d(
+                    in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False
+                ),
                 nn.BatchNorm2d(out_channels),
                 nn.LeakyReLU(0.2),
             ]
@@ -75,8 +77,9 @@ class ConvEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> Normal:
         """Posterior ``q(latent | x)`` for a batch of crops of shape (B, C, H, W)."""
         h = self.features(x)
-        mean = self.mean(h)
-        std = torch.sqrt(torch.exp(self.log_var(h).clamp(-15.0, 10.0)) + _MIN_VARIANCE)
+        # the posterior stays float32 under mixed precision (KL terms are sums of small numbers)
+        mean = self.mean(h).float()
+        std = torch.sqrt(torch.exp(self.log_var(h).float().clamp(-15.0, 10.0)) + _MIN_VARIANCE)
         return Normal(mean, std)
 
 
