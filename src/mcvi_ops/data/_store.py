@@ -429,7 +429,7 @@ class CropWriter:
 
     @property
     def store(self) -> CropStore:
-        """The store being written (complete after :meth:`close`)."""
+        """The store being written (complete after :meth:`~mcvi_ops.data.CropWriter.close`)."""
         return CropStore(self._array, url=self._url)
 
     def append(self, crops: np.ndarray) -> None:
