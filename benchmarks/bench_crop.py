@@ -14,9 +14,6 @@ Prints the numbers and writes them to benchmarks/results/crop.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -26,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
+from _report import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "images/examplehuman/ExampleHuman_D03f00_CYX_DNA-PH3-cellbody.tif"
@@ -131,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Crop extraction (`mcvi_ops.io.extract_crops`)",
         "",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        f"- recorded: {machine_line()}",
         f"- input: {args.n_tiles} tiles of {args.tile_size} x {args.tile_size} px x 4 channels "
         f"(uint16 TIFF, mirrored from the real ExampleHuman field), {len(table)} cells "
         f"({args.cells_per_tile} per tile)",

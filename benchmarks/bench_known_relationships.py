@@ -8,9 +8,6 @@ Prints the timings and peak memory and writes them to benchmarks/results/metrics
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import resource
 import time
 import tracemalloc
@@ -19,6 +16,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+from _report import machine_line
 
 from mcvi_ops.metrics import known_relationships
 
@@ -63,17 +61,13 @@ def main() -> None:
     tracemalloc.stop()
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    machine = (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, numpy {np.__version__}"
-    )
     res = df.set_index("metric")["value"].round(4).to_dict()
     lines = [
         "# Metrics benchmarks",
         "",
-        f"## known_relationships ({dt.date.today().isoformat()})",
+        "## known_relationships",
         "",
-        f"- machine: {machine}",
+        f"- recorded: {machine_line()}",
         f"- input: {args.n_genes} genes x {args.dims} dims (random float32 with 1,100 planted "
         f"9-gene complexes), {len(pairs):,} annotated pairs, {n_pairs_total:,} gene pairs",
         f"- wall time: median {np.median(times):.2f} s, min {min(times):.2f} s over "

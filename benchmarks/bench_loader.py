@@ -7,10 +7,7 @@ Run with ``python benchmarks/bench_loader.py [--n-cells 20000]``; prints a table
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +15,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+from _report import machine_line
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField
 
@@ -158,13 +156,10 @@ def main() -> None:
             logger.info("%-55s workers=%d  %8.0f cells/s (%d cells)", name, workers, rate, n)
             rows.append((name, workers, rate))
 
-    stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    machine = f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     lines = [
         "# Crop loader throughput",
         "",
-        f"- date: {stamp}",
-        f"- machine: {machine}; Python {platform.python_version()}",
+        f"- recorded: {machine_line()}",
         f"- data: {store.n_cells} crops {store.shape[1]}x{store.shape[2]}x{store.shape[3]} "
         f"{store.dtype} ({source}), {store.chunk_cells} cells/chunk, blosc-zstd, "
         f"{size_mb:.0f} MB on disk ({raw_mb:.0f} MB raw), local disk (page cache warm)",

@@ -13,6 +13,7 @@ from anndata import AnnData
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.utils import setup_anndata_dsp
 
 from mcvi_ops._constants import BATCH_KEY, CONTROL_CODE, IMAGE_KEY, PERTURBATION_KEY
 from mcvi_ops.data._fields import ImageField, PerturbationField
@@ -41,17 +42,35 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     # --- set-up ---------------------------------------------------------------------------
     @classmethod
-    def _register(
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
         cls,
         adata: AnnData,
-        *,
         perturbation_key: str,
-        control_category: str,
-        batch_key: str | None,
-        uns_key: str,
-        setup_method_args: dict,
+        control_category: str = "nontargeting",
+        *,
+        batch_key: str | None = None,
+        uns_key: str = UNS_KEY,
         **kwargs,
     ) -> None:
+        """Register the crops, the perturbations and an optional batch covariate.
+
+        Parameters
+        ----------
+        adata
+            Cells linked to their crops with :func:`~mcvi_ops.data.link_crops`.
+        perturbation_key
+            Column of ``adata.obs`` naming each cell's perturbation (gene or guide).
+        control_category
+            The category of control cells; it always gets code 0.
+        batch_key
+            Optional column of a technical batch (e.g. plate and well), fed to the decoder only.
+        uns_key
+            Key of the crop-store reference in ``adata.uns``.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
         reference = crop_reference(adata, uns_key=uns_key)
         fields = [
             ImageField(IMAGE_KEY, index_key=reference["index_key"], uns_key=uns_key),

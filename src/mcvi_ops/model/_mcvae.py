@@ -10,10 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
-from scvi.utils import setup_anndata_dsp
 
 from mcvi_ops._constants import BATCH_KEY, PERTURBATION_KEY
-from mcvi_ops.data._link import UNS_KEY
 from mcvi_ops.module import MultiContrastiveVAE
 
 from ._base import BaseImageModel
@@ -101,46 +99,6 @@ class MCVAE(BaseImageModel):
             f"background {n_background_latent}-d, batch covariate: {n_batch > 0}"
         )
         self.init_params_ = self._get_init_params(locals())
-
-    @classmethod
-    @setup_anndata_dsp.dedent
-    def setup_anndata(
-        cls,
-        adata: AnnData,
-        perturbation_key: str,
-        control_category: str = "nontargeting",
-        *,
-        batch_key: str | None = None,
-        uns_key: str = UNS_KEY,
-        **kwargs,
-    ) -> None:
-        """Register the crops, the perturbations and an optional batch covariate.
-
-        Parameters
-        ----------
-        adata
-            Cells linked to their crops with :func:`~mcvi_ops.data.link_crops`.
-        perturbation_key
-            Column of ``adata.obs`` naming each cell's perturbation (gene or guide).
-        control_category
-            The category of control cells; it always gets code 0.
-        batch_key
-            Optional column of a technical batch (e.g. plate and well), fed to the decoder only.
-        uns_key
-            Key of the crop-store reference in ``adata.uns``.
-        **kwargs
-            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
-        """
-        setup_method_args = cls._get_setup_method_args(**locals())
-        cls._register(
-            adata,
-            perturbation_key=perturbation_key,
-            control_category=control_category,
-            batch_key=batch_key,
-            uns_key=uns_key,
-            setup_method_args=setup_method_args,
-            **kwargs,
-        )
 
     # --- outputs --------------------------------------------------------------------------
     @torch.inference_mode()

@@ -19,6 +19,20 @@ from ._transform import CropTransform
 PriorKind = Literal["both", "salient", "background", "none"]
 
 
+def decoder_input(
+    latents: list[torch.Tensor], batch_index: torch.Tensor | None, n_batch: int
+) -> torch.Tensor:
+    """Concatenate latent codes and, when ``n_batch > 0``, the one-hot batch covariate."""
+    parts = list(latents)
+    if n_batch > 0:
+        if batch_index is None:
+            msg = "This module was built with a batch covariate; pass `batch_index`."
+            raise ValueError(msg)
+        one_hot = F.one_hot(batch_index.reshape(-1).long(), n_batch).to(parts[0].dtype)
+        parts.append(one_hot.expand(*parts[0].shape[:-1], n_batch))
+    return torch.cat(parts, dim=-1)
+
+
 class GaussianImageLikelihood(nn.Module):
     """Per-pixel Gaussian with a learned per-channel scale, bounded below by ``min_scale``."""
 
@@ -192,24 +206,12 @@ class MultiContrastiveVAE(BaseModuleClass):
         perturbed = (perturbation.reshape(-1) != CONTROL_CODE).unsqueeze(-1).to(s.dtype)
         return {"qz": qz, "qs": qs, "z": z, "s": s * perturbed, "x_transformed": x_transformed}
 
-    def _decoder_input(
-        self, z: torch.Tensor, s: torch.Tensor, batch_index: torch.Tensor | None
-    ) -> torch.Tensor:
-        parts = [z, s]
-        if self.n_batch > 0:
-            if batch_index is None:
-                msg = "This module was built with a batch covariate; pass `batch_index`."
-                raise ValueError(msg)
-            one_hot = F.one_hot(batch_index.reshape(-1).long(), self.n_batch).to(z.dtype)
-            parts.append(one_hot.expand(*z.shape[:-1], self.n_batch))
-        return torch.cat(parts, dim=-1)
-
     @auto_move_data
     def generative(
         self, z: torch.Tensor, s: torch.Tensor, batch_index: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | Normal]:
         """The likelihood of the (transformed) crop given ``z`` and ``s``."""
-        latent = self._decoder_input(z, s, batch_index)
+        latent = decoder_input([z, s], batch_index, self.n_batch)
         lead = latent.shape[:-1]
         # float32 likelihood under mixed precision: it sums over every pixel of the crop
         mean = self.decoder(latent.reshape(-1, latent.shape[-1])).float()

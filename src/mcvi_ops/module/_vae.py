@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal, kl_divergence
@@ -13,7 +12,7 @@ from torch.distributions import Normal, kl_divergence
 from mcvi_ops._constants import BATCH_KEY, X_KEY
 from mcvi_ops.nn import ConvDecoder, ConvEncoder
 
-from ._mcvae import GaussianImageLikelihood
+from ._mcvae import GaussianImageLikelihood, decoder_input
 from ._transform import CropTransform
 
 
@@ -84,14 +83,7 @@ class ImageVAE(BaseModuleClass):
     @auto_move_data
     def generative(self, z: torch.Tensor, batch_index: torch.Tensor | None = None) -> dict:
         """The likelihood of the (transformed) crop given ``z``."""
-        parts = [z]
-        if self.n_batch > 0:
-            if batch_index is None:
-                msg = "This module was built with a batch covariate; pass `batch_index`."
-                raise ValueError(msg)
-            one_hot = F.one_hot(batch_index.reshape(-1).long(), self.n_batch).to(z.dtype)
-            parts.append(one_hot.expand(*z.shape[:-1], self.n_batch))
-        latent = torch.cat(parts, dim=-1)
+        latent = decoder_input([z], batch_index, self.n_batch)
         mean = self.decoder(latent.reshape(-1, latent.shape[-1])).float()
         mean = mean.reshape(*latent.shape[:-1], *mean.shape[1:])
         return {"px": self.likelihood(mean), "px_mean": mean}
