@@ -15,7 +15,6 @@ import mcvi_ops
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
-@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     screen = mcvi_ops.data.synthetic_screen(
         n_cells=360,

@@ -20,6 +20,8 @@ from mcvi_ops.data._fields import ImageField, PerturbationField
 from mcvi_ops.data._link import UNS_KEY, crop_reference, linked_store
 from mcvi_ops.data._loader import CropDataLoader, CropDataSplitter
 
+from ._training_plan import ImageTrainingPlan
+
 logger = logging.getLogger(__name__)
 
 #: cells seen (summed over epochs) that the default number of epochs aims for
@@ -38,6 +40,7 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
     """Base class of models on image crops linked to AnnData rows (not used directly)."""
 
     _data_splitter_cls = CropDataSplitter
+    _training_plan_cls = ImageTrainingPlan
     _balanced_training = True
 
     # --- set-up ---------------------------------------------------------------------------
