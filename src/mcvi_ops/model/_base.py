@@ -25,11 +25,11 @@ from ._training_plan import ImageTrainingPlan
 logger = logging.getLogger(__name__)
 
 #: cells seen (summed over epochs) that the default number of epochs aims for
-_TARGET_CELLS_SEEN = 200_000
+_TARGET_CELLS_SEEN = 100_000
 
 
 def default_max_epochs(n_cells: int) -> int:
-    """Default number of epochs: about 200k cells seen, between 2 and 40 epochs.
+    """Default number of epochs: ``ceil(100,000 / n_cells)``, between 2 and 40 epochs.
 
     Large screens need few passes (the paper trained 2 epochs of 31M cells); small ones more.
     """
@@ -163,8 +163,8 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         self,
         max_epochs: int | None = None,
         *,
-        batch_size: int = 256,
-        lr: float = 1e-3,
+        batch_size: int = 128,
+        lr: float = 3e-3,
         weight_decay: float = 0.0,
         early_stopping: bool = True,
         early_stopping_patience: int = 5,
@@ -187,12 +187,14 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Passes over the perturbed cells. Default: about 200,000 cells seen, between 2 and 40
-            epochs (:func:`~mcvi_ops.model.default_max_epochs`).
+            Passes over the perturbed cells. Default: ``ceil(100,000 / n_cells)`` between 2 and
+            40 (:func:`~mcvi_ops.model.default_max_epochs`): 10 epochs for 10k cells, 2 for
+            screens of 50k cells and more.
         batch_size
             Cells per minibatch, half controls and half perturbed cells (must be even).
         lr
-            Adam learning rate.
+            Adam learning rate. 3e-3 learned fastest on a CPU budget in our comparison of 1e-4
+            (the paper's, too slow for a few epochs), 1e-3 and 3e-3 (``benchmarks/RESULTS.md``).
         weight_decay
             Adam weight decay.
         early_stopping

@@ -42,7 +42,9 @@ class MCVAE(BaseImageModel):
         Which latents get learned per-perturbation prior means: ``"both"`` (the mcVAE),
         ``"salient"``, ``"background"``, or ``"none"`` (the contrastive VAE, cVAE).
     wasserstein_penalty
-        Weight of the penalty ``||mu_s||^2 + sum(sigma_s^2)`` on control cells.
+        Weight of the penalty ``||mu_s||^2 + sum(sigma_s^2)`` on control cells. It competes with
+        a reconstruction term summed over every pixel, hence the large default (chosen by
+        measurement, see ``benchmarks/RESULTS.md``).
     **module_kwargs
         More arguments of :class:`~mcvi_ops.module.MultiContrastiveVAE` (filters, likelihood
         scale, arcsinh cofactor, custom encoder/decoder networks).
@@ -70,7 +72,7 @@ class MCVAE(BaseImageModel):
         n_salient_latent: int = 32,
         n_background_latent: int = 32,
         prior: Literal["both", "salient", "background", "none"] = "both",
-        wasserstein_penalty: float = 1.0,
+        wasserstein_penalty: float = 1000.0,
         **module_kwargs,
     ) -> None:
         super().__init__(adata)

@@ -108,7 +108,7 @@ class MultiContrastiveVAE(BaseModuleClass):
         n_salient_latent: int = 32,
         n_background_latent: int = 32,
         prior: PriorKind = "both",
-        wasserstein_penalty: float = 1.0,
+        wasserstein_penalty: float = 1000.0,
         encoder_filters: Sequence[int] = (16, 32, 64, 128, 128),
         decoder_filters: Sequence[int] = (128, 128, 64, 32, 16),
         likelihood_scale: float = 0.1,
