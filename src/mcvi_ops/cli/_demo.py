@@ -147,8 +147,10 @@ def run(args: argparse.Namespace) -> int:
         f"{float(history['validation_loss'].iloc[-1, 0]):,.0f}"
     )
     start = time.perf_counter()
-    for kind in ("salient", "background", "both"):
-        model.get_latent_representation(kind=kind, add_to_obsm=True)
+    both = model.get_latent_representation(kind="both", add_to_obsm=True)
+    n_salient = model.module.n_salient_latent
+    adata.obsm["X_mcvae_salient"] = both[:, :n_salient]
+    adata.obsm["X_mcvae_background"] = both[:, n_salient:]
     print(f"Embedded {adata.n_obs:,} cells in {time.perf_counter() - start:.1f} s")
     metrics.derive_covariates(adata)
     for path in _umaps(adata, out):
