@@ -55,15 +55,15 @@ def test_computes_umaps_without_touching_x_umap():
     assert "neighbors" not in adata.uns
 
 
-def test_salient_background_umap_on_more_than_4096_cells():
-    """scanpy's approximate-neighbour path (> 4,096 cells) must work with the pinned scipy."""
+def test_salient_background_umap_on_more_than_8192_cells():
+    """scanpy's approximate-neighbour path (>= 8,192 cells) works (scanpy 1.11.5 bug)."""
     import matplotlib
 
     matplotlib.use("Agg")
     rng = np.random.default_rng(0)
-    adata = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(5000)]))
-    adata.obsm["X_mcvae_salient"] = rng.normal(size=(5000, 4)).astype(np.float32)
-    adata.obsm["X_mcvae_background"] = rng.normal(size=(5000, 4)).astype(np.float32)
+    adata = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(9000)]))
+    adata.obsm["X_mcvae_salient"] = rng.normal(size=(9000, 4)).astype(np.float32)
+    adata.obsm["X_mcvae_background"] = rng.normal(size=(9000, 4)).astype(np.float32)
     axs = mpl.salient_background(adata, n_neighbors=5)
     assert len(axs) == 2
-    assert adata.obsm["X_umap_X_mcvae_salient"].shape == (5000, 2)
+    assert adata.obsm["X_umap_X_mcvae_salient"].shape == (9000, 2)

@@ -5,9 +5,41 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 from anndata import AnnData
 
 logger = logging.getLogger(__name__)
+
+#: scanpy switches from exact neighbours to pynndescent from this many cells on
+_APPROXIMATE_FROM = 8192
+
+
+def _approximate_knn(n_neighbors: int, seed: int, n_obs: int):
+    """Approximate k-NN (pynndescent) for scanpy that returns a ``csr_matrix``.
+
+    scanpy 1.11.5 calls ``getnnz`` on pynndescent's result, a ``csr_array`` that no longer has
+    it, so neighbours of more than 8,192 cells fail; a ``csr_matrix`` has it.
+    """
+    import scipy.sparse
+    from pynndescent import PyNNDescentTransformer
+    from sklearn.base import BaseEstimator, TransformerMixin
+
+    class CsrMatrixNNDescent(TransformerMixin, BaseEstimator):
+        def __init__(self, n_neighbors: int = 15, random_state: int = 0) -> None:
+            self.n_neighbors = n_neighbors
+            self.random_state = random_state
+
+        def fit_transform(self, X, y=None):
+            # UMAP's defaults for the index size, as scanpy uses them
+            inner = PyNNDescentTransformer(
+                n_neighbors=self.n_neighbors,
+                random_state=self.random_state,
+                n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)),
+                n_iters=max(5, round(np.log2(n_obs))),
+            )
+            return scipy.sparse.csr_matrix(inner.fit_transform(X))
+
+    return CsrMatrixNNDescent(n_neighbors=n_neighbors, random_state=seed)
 
 
 def salient_background(
@@ -79,12 +111,18 @@ def salient_background(
         umap_key = f"X_umap_{rep}"
         if recompute or umap_key not in adata.obsm:
             neighbors_key = f"neighbors_{rep}"
+            transformer = (
+                _approximate_knn(n_neighbors, seed, adata.n_obs)
+                if adata.n_obs >= _APPROXIMATE_FROM
+                else None
+            )
             sc.pp.neighbors(
                 adata,
                 use_rep=rep,
                 n_neighbors=n_neighbors,
                 key_added=neighbors_key,
                 random_state=seed,
+                transformer=transformer,
             )
             sc.tl.umap(adata, neighbors_key=neighbors_key, key_added=umap_key, random_state=seed)
             logger.info("Stored the UMAP of %r in .obsm[%r].", rep, umap_key)
