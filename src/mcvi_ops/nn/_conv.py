@@ -18,6 +18,18 @@ def _as_pair(size: int | Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """Per-sample normalisation (GroupNorm, up to 8 groups).
+
+    Not batch norm: training batches are read window by window from a store ordered by plate,
+    well and tile, so a batch's statistics are those of a few wells; batch norm would remove
+    the well's intensity in training and not at inference (running averages), and the latents
+    would carry the well after all.
+    """
+    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
 def downsampled_sizes(size: int, n_layers: int) -> list[int]:
     """Spatial sizes after each stride-2 convolution (kernel 3, padding 1), input first."""
     sizes = [int(size)]
@@ -29,7 +41,7 @@ def downsampled_sizes(size: int, n_layers: int) -> list[int]:
 class ConvEncoder(nn.Module):
     """Map image crops to a diagonal Gaussian over a latent space.
 
-    A stack of stride-2 convolutions (kernel 3, padding 1), each followed by batch normalisation
+    A stack of stride-2 convolutions (kernel 3, padding 1), each followed by group normalisation
     and a leaky ReLU, then a linear layer to the posterior mean and log-variance.
 
     Parameters
@@ -58,11 +70,11 @@ class ConvEncoder(nn.Module):
         in_channels = n_channels
         for out_channels in n_filters:
             layers += [
-                # no bias: the batch norm right after removes it
+                # no bias: the normalisation right after removes it
                 nn.Conv2d(
                     in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False
                 ),
-                nn.BatchNorm2d(out_channels),
+                group_norm(out_channels),
                 nn.LeakyReLU(0.2),
             ]
             in_channels = out_channels
@@ -87,7 +99,7 @@ class ConvDecoder(nn.Module):
     """Map latent codes to image crops with values in [-1, 1].
 
     A linear layer to a small feature map, then stride-2 transposed convolutions (each followed by
-    batch normalisation and a leaky ReLU) back to the crop size, a final 3x3 convolution to the
+    group normalisation and a leaky ReLU) back to the crop size, a final 3x3 convolution to the
     image channels, and a tanh.
 
     Parameters
@@ -136,7 +148,7 @@ class ConvDecoder(nn.Module):
                     output_padding=(pad_h, pad_w),
                     bias=False,
                 ),
-                nn.BatchNorm2d(out_channels),
+                group_norm(out_channels),
                 nn.LeakyReLU(0.2),
             ]
             in_channels = out_channels
