@@ -293,6 +293,40 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
             n_cells, per_batch = len(codes), batch_size
         return max(1, math.ceil(n_cells * train_size / per_batch))
 
+    # --- outputs shared by the image models -----------------------------------------------
+    @torch.inference_mode()
+    def get_reconstruction(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_size: int | None = None,
+        inverse_transform: bool = False,
+    ) -> np.ndarray:
+        """Reconstructions of crops from their posterior means (MCVAE: controls with ``s = 0``).
+
+        Parameters
+        ----------
+        adata
+            AnnData with crops of the same channels and size (default: the training data).
+        indices
+            Rows of ``adata`` (default: all).
+        batch_size
+            Cells per minibatch.
+        inverse_transform
+            Return raw-intensity images instead of the model's [-1, 1] scale.
+
+        Returns
+        -------
+        Images of shape (n_cells, n_channels, height, width).
+        """
+        self.module.eval()
+        images = [
+            self._to_images(self.module.reconstruct(tensors), inverse_transform)
+            for tensors in self._iterate(adata, indices, batch_size)
+        ]
+        return np.concatenate(images)
+
     # --- inference helpers ----------------------------------------------------------------
     def _iterate(
         self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None

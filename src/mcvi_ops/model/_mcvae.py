@@ -261,42 +261,6 @@ class MCVAE(BaseImageModel):
         batches = None if batch is None else [batch] * len(priors)
         return self.decode(background, salient, batch=batches, inverse_transform=inverse_transform)
 
-    @torch.inference_mode()
-    def get_reconstruction(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        *,
-        batch_size: int | None = None,
-        inverse_transform: bool = False,
-    ) -> np.ndarray:
-        """Reconstructions of crops from their posterior means (controls with ``s = 0``).
-
-        Parameters
-        ----------
-        adata
-            AnnData with crops of the same channels and size (default: the training data).
-        indices
-            Rows of ``adata`` (default: all).
-        batch_size
-            Cells per minibatch.
-        inverse_transform
-            Return raw-intensity images instead of the model's [-1, 1] scale.
-
-        Returns
-        -------
-        Images of shape (n_cells, n_channels, height, width).
-        """
-        self.module.eval()
-        images = []
-        for tensors in self._iterate(adata, indices, batch_size):
-            out = self.module.inference(tensors["X"], tensors[PERTURBATION_KEY])
-            perturbed = (tensors[PERTURBATION_KEY].reshape(-1) != 0).unsqueeze(-1)
-            s = out["qs"].loc * perturbed.to(out["qs"].loc)
-            gen = self.module.generative(out["qz"].loc, s, tensors.get(BATCH_KEY))
-            images.append(self._to_images(gen["px_mean"], inverse_transform))
-        return np.concatenate(images)
-
     def _batch_codes(self, batch: Sequence[str] | None, n: int) -> torch.Tensor | None:
         if self.module.n_batch == 0:
             return None

@@ -102,21 +102,3 @@ class VAE(BaseImageModel):
         if add_to_obsm:
             self._write_obsm(self.adata if adata is None else adata, "X_vae", values)
         return values
-
-    @torch.inference_mode()
-    def get_reconstruction(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        *,
-        batch_size: int | None = None,
-        inverse_transform: bool = False,
-    ) -> np.ndarray:
-        """Reconstructions of crops from their posterior means, shape (n, C, H, W)."""
-        self.module.eval()
-        images = []
-        for tensors in self._iterate(adata, indices, batch_size):
-            qz = self.module.inference(tensors["X"])["qz"]
-            gen = self.module.generative(qz.loc, tensors.get("batch"))
-            images.append(self._to_images(gen["px_mean"], inverse_transform))
-        return np.concatenate(images)

@@ -251,6 +251,14 @@ class MultiContrastiveVAE(BaseModuleClass):
         )
 
     @torch.inference_mode()
+    def reconstruct(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decode posterior means (controls with ``s = 0``), on the [-1, 1] scale."""
+        out = self.inference(tensors[X_KEY], tensors[PERTURBATION_KEY])
+        perturbed = (tensors[PERTURBATION_KEY].reshape(-1) != CONTROL_CODE).unsqueeze(-1)
+        s = out["qs"].loc * perturbed.to(device=out["qs"].loc.device, dtype=out["qs"].loc.dtype)
+        return self.generative(out["qz"].loc, s, tensors.get(BATCH_KEY))["px_mean"]
+
+    @torch.inference_mode()
     def sample(
         self,
         perturbation: torch.Tensor,

@@ -109,6 +109,12 @@ class ImageVAE(BaseModuleClass):
         )
 
     @torch.inference_mode()
+    def reconstruct(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decode posterior means, on the [-1, 1] scale."""
+        qz = self.inference(tensors[X_KEY])["qz"]
+        return self.generative(qz.loc, tensors.get(BATCH_KEY))["px_mean"]
+
+    @torch.inference_mode()
     def sample(
         self, n_samples: int = 1, *, batch_index: torch.Tensor | None = None
     ) -> torch.Tensor:
