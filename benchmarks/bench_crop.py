@@ -1,4 +1,4 @@
-"""Benchmark `mcvi_ops.io.extract_crops`: crops per second from Funk-sized tiles.
+"""Benchmark `mcvi_ops.pp.extract_crops`: crops per second from Funk-sized tiles.
 
 Tiles of 2,960 x 2,960 px with 4 channels (the size of the Funk et al. 2022 phenotype tiles) are
 built from the real ExampleHuman field (DNA, PH3, cell body, plus the DNA channel transposed as a
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from mcvi_ops.io import extract_crops
+    from mcvi_ops.pp import extract_crops
 
     image = tifffile.imread(args.data / IMAGE)
     image = np.concatenate([image, image[:1].transpose(0, 2, 1)])  # 4 channels
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     lines = [
-        "# Crop extraction (`mcvi_ops.io.extract_crops`)",
+        "# Crop extraction (`mcvi_ops.pp.extract_crops`)",
         "",
         f"- recorded: {machine_line()}",
         f"- input: {args.n_tiles} tiles of {args.tile_size} x {args.tile_size} px x 4 channels "

@@ -20,7 +20,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField
 
 from mcvi_ops.data import ImageField, link_crops, write_crops
-from mcvi_ops.data._loader import CropDataLoader
+from mcvi_ops.dataloaders._loader import CropDataLoader
 
 logger = logging.getLogger("bench_loader")
 RESULTS = Path(__file__).parent / "results" / "loader.md"
@@ -43,14 +43,14 @@ def smooth_crops(n: int, *, channels: int = 4, size: int = 64, seed: int = 0) ->
 def make_screen(path: Path, n_cells: int, *, control_fraction: float = 0.1):
     """A crop store on disk and a registered AnnData manager (perturbation code 0 = control)."""
     try:  # the package simulator, if it is there
-        from mcvi_ops.data import synthetic_screen
+        from mcvi_ops.datasets import synthetic_screen
 
         adata = synthetic_screen(n_cells, seed=0, path=str(path), crop_size=64)
         genes = adata.obs["gene_symbol"].astype(str)
         adata.obs["perturbation"] = pd.Categorical(
             genes, categories=["nontargeting", *sorted(set(genes) - {"nontargeting"})]
         )
-        source = "mcvi_ops.data.synthetic_screen"
+        source = "mcvi_ops.datasets.synthetic_screen"
     except (ImportError, NotImplementedError, TypeError):
         crops = smooth_crops(n_cells)
         write_crops(path, crops, channel_names=["DAPI", "tubulin", "gH2AX", "phalloidin"])

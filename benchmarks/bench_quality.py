@@ -76,7 +76,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     suffix = f"_{args.tag}" if args.tag else ""
     with tempfile.TemporaryDirectory() as tmp:
-        adata = mcvi_ops.data.synthetic_screen(
+        adata = mcvi_ops.datasets.synthetic_screen(
             n_cells=args.n_cells, seed=0, path=Path(tmp) / "s.zarr"
         )
         rows, reps, pairs, curves = [], [], {}, {}

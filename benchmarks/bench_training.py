@@ -116,7 +116,7 @@ def main() -> None:
         "cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        adata = mcvi_ops.data.synthetic_screen(
+        adata = mcvi_ops.datasets.synthetic_screen(
             n_cells=args.n_cells, crop_size=args.crop_size, seed=0, path=Path(tmp) / "s.zarr"
         )
         scvi.settings.seed = 0

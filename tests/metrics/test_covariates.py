@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mcvi_ops.metrics import derive_covariates, technical_covariates
+from mcvi_ops.metrics import technical_covariates
+from mcvi_ops.pp import derive_covariates
 
 
 def test_derive_covariates_hand_computed():

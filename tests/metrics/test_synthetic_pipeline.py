@@ -10,9 +10,9 @@ from mcvi_ops import metrics, tl
 @pytest.fixture(scope="module")
 def screen():
     try:
-        return mcvi_ops.data.synthetic_screen(n_cells=3000, seed=0)
+        return mcvi_ops.datasets.synthetic_screen(n_cells=3000, seed=0)
     except NotImplementedError:  # pragma: no cover - simulator not available
-        pytest.skip("mcvi_ops.data.synthetic_screen is not implemented")
+        pytest.skip("mcvi_ops.datasets.synthetic_screen is not implemented")
 
 
 def test_feature_baseline_pipeline(screen):

@@ -13,7 +13,7 @@ def screen_path(tmp_path_factory):
 @pytest.fixture
 def screen(screen_path):
     """A tiny screen on disk: 360 cells, 6 genes, 32 px crops."""
-    return mcvi_ops.data.synthetic_screen(
+    return mcvi_ops.datasets.synthetic_screen(
         n_cells=360,
         n_genes=6,
         n_control_guides=4,

@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    screen = mcvi_ops.data.synthetic_screen(
+    screen = mcvi_ops.datasets.synthetic_screen(
         n_cells=360,
         n_genes=6,
         n_control_guides=4,

@@ -134,7 +134,7 @@ def test_batch_covariate(screen):
 
 def test_query_data(screen, tmp_path):
     model = _model(screen)
-    query = mcvi_ops.data.synthetic_screen(
+    query = mcvi_ops.datasets.synthetic_screen(
         n_cells=100, n_genes=3, n_control_guides=2, crop_size=32, seed=5, path=tmp_path / "q.zarr"
     )
     query.obs["gene_symbol"] = query.obs["gene_symbol"].cat.rename_categories(
@@ -142,7 +142,7 @@ def test_query_data(screen, tmp_path):
     )
     latent = model.get_latent_representation(query, kind="salient")
     assert latent.shape == (100, 32)
-    bigger = mcvi_ops.data.synthetic_screen(
+    bigger = mcvi_ops.datasets.synthetic_screen(
         n_cells=100, n_genes=3, n_control_guides=2, crop_size=48, seed=5, path=tmp_path / "b.zarr"
     )
     with pytest.raises(ValueError, match="48x48 px"):

@@ -110,7 +110,7 @@ def _int_or_str(value: str) -> int | str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mcvi-ops crop`` with parsed arguments; return the exit status."""
-    from mcvi_ops.io import extract_crops
+    from mcvi_ops.pp import extract_crops
 
     names = [n for item in args.channel_names for n in item.split(",") if n]
     adata = extract_crops(

@@ -52,7 +52,7 @@ def add_simulate_parser(subparsers) -> None:
 
 
 def _simulate(out: Path, *, n_cells: int, n_genes: int, crop_size: int, seed: int, overwrite: bool):
-    from mcvi_ops.data import synthetic_screen
+    from mcvi_ops.datasets import synthetic_screen
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

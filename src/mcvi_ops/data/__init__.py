@@ -1,17 +1,14 @@
-"""Crop stores, links between AnnData rows and crops, scvi-tools fields, loaders and simulated screens."""
+"""The crop store format, links between AnnData rows and crops, and scvi-tools fields.
 
-from ._fields import ImageField, PerturbationField
+The fields load scvi-tools on first use; the store and links need only zarr and anndata.
+"""
+
+from mcvi_ops._lazy import lazy_getattr
+
 from ._link import get_crops, link_crops, linked_store
-from ._loader import CropDataLoader, CropDataset, CropDataSplitter
-from ._sampler import BalancedChunkSampler
 from ._store import CropStore, CropWriter, open_crops, write_crops
-from ._synthetic import synthetic_screen
 
 __all__ = [
-    "BalancedChunkSampler",
-    "CropDataLoader",
-    "CropDataSplitter",
-    "CropDataset",
     "CropStore",
     "CropWriter",
     "ImageField",
@@ -20,6 +17,17 @@ __all__ = [
     "link_crops",
     "linked_store",
     "open_crops",
-    "synthetic_screen",
     "write_crops",
 ]
+
+__getattr__ = lazy_getattr(
+    __name__,
+    {"ImageField": "._fields", "PerturbationField": "._fields"},
+    moved={
+        "BalancedChunkSampler": "mcvi_ops.dataloaders.BalancedChunkSampler",
+        "CropDataLoader": "mcvi_ops.dataloaders.CropDataLoader",
+        "CropDataSplitter": "mcvi_ops.dataloaders.CropDataSplitter",
+        "CropDataset": "mcvi_ops.dataloaders.CropDataset",
+        "synthetic_screen": "mcvi_ops.datasets.synthetic_screen",
+    },
+)

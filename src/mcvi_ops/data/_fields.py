@@ -39,7 +39,7 @@ class ImageField(BaseAnnDataField):
     >>> import mcvi_ops
     >>> from scvi.data import AnnDataManager
     >>> from mcvi_ops.data import ImageField
-    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=200, n_genes=10, seed=0)
+    >>> adata = mcvi_ops.datasets.synthetic_screen(n_cells=200, n_genes=10, seed=0)
     >>> manager = AnnDataManager(fields=[ImageField("crops")])
     >>> manager.register_fields(adata)
     >>> manager.summary_stats["n_channels"]

@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from mcvi_ops._constants import DEFAULT_INDEX_KEY, UNS
+
 from ._store import CropStore, StoreLike, open_crops
 
 logger = logging.getLogger(__name__)
 
-UNS_KEY = "crops"
-DEFAULT_INDEX_KEY = "crop_index"
+UNS_KEY = UNS.crops
 
 
 def link_crops(
@@ -148,7 +149,7 @@ def get_crops(adata: AnnData, rows: Any = None, *, uns_key: str = UNS_KEY) -> np
     Examples
     --------
     >>> import mcvi_ops
-    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=200, n_genes=10, seed=0)
+    >>> adata = mcvi_ops.datasets.synthetic_screen(n_cells=200, n_genes=10, seed=0)
     >>> mcvi_ops.data.get_crops(adata, [0, 10]).shape
     (2, 4, 64, 64)
     """

@@ -289,7 +289,7 @@ def open_crops(store: StoreLike, *, storage_options: dict | None = None) -> Crop
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as err:
         msg = (
             f"No crop store found at {store!s}. Check the path, or create one with "
-            "`mcvi_ops.data.write_crops` or `mcvi_ops.data.synthetic_screen(path=...)`."
+            "`mcvi_ops.data.write_crops` or `mcvi_ops.datasets.synthetic_screen(path=...)`."
         )
         raise FileNotFoundError(msg) from err
     if group.attrs.get("format") != FORMAT_NAME or ARRAY_NAME not in group:

@@ -1,18 +1,25 @@
-"""From raw optical-pooled-screen images, or from existing crops, to crop stores and AnnData."""
+"""Readers and writers of outside formats: cell tables, images, and crops made elsewhere."""
 
-from ._align import align_channels, clip_percentiles
-from ._extract import extract_crops
+from mcvi_ops._lazy import lazy_getattr
+
 from ._from_crops import crops_from_array, crops_from_files
+from ._images import MissingTileError, read_image
 from ._tables import read_cells
-from ._tiles import MissingTileError, read_image
 
 __all__ = [
     "MissingTileError",
-    "align_channels",
-    "clip_percentiles",
     "crops_from_array",
     "crops_from_files",
-    "extract_crops",
     "read_cells",
     "read_image",
 ]
+
+__getattr__ = lazy_getattr(
+    __name__,
+    {},
+    moved={
+        "align_channels": "mcvi_ops.pp.align_channels",
+        "clip_percentiles": "mcvi_ops.pp.clip_percentiles",
+        "extract_crops": "mcvi_ops.pp.extract_crops",
+    },
+)

@@ -14,12 +14,15 @@ from anndata import AnnData
 
 from mcvi_ops.data import CropWriter, link_crops
 
-from ._resume import ADATA_NAME, STORE_NAME
-from ._tiles import IMAGE_SUFFIXES, ChannelAxis, _stem, read_image, resize_crops, to_channel_first
+from mcvi_ops._constants import UNS
+from mcvi_ops.pp._resize import resize_crops
+from mcvi_ops.pp._resume import ADATA_NAME, STORE_NAME
+
+from ._images import IMAGE_SUFFIXES, ChannelAxis, read_image, stem, to_channel_first
 
 logger = logging.getLogger(__name__)
 
-UNS_KEY = "import_crops"
+UNS_KEY = UNS.import_crops
 _STORE_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
 
 
@@ -288,7 +291,7 @@ def crops_from_files(
 
     files = _list_files(paths_or_folder, pattern)
     names = [str(n) for n in channel_names]
-    obs = _check_obs(obs, len(files), [_stem(p) for p in files])
+    obs = _check_obs(obs, len(files), [stem(p) for p in files])
     if "source_file" not in obs:
         obs["source_file"] = [str(p) for p in files]
     first = to_channel_first(

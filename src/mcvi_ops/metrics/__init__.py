@@ -1,13 +1,14 @@
 """Evaluation metrics: known relationships, technical covariates and gene function."""
 
-from ._covariates import derive_covariates, technical_covariates
+from mcvi_ops._lazy import lazy_getattr
+
+from ._covariates import technical_covariates
 from ._function import function_classification, recall_difference
 from ._readers import read_gene_groups, read_gene_sets, read_relationships
 from ._relationships import known_relationships
 from ._synthetic import score_synthetic_screen
 
 __all__ = [
-    "derive_covariates",
     "function_classification",
     "known_relationships",
     "read_gene_groups",
@@ -17,3 +18,7 @@ __all__ = [
     "score_synthetic_screen",
     "technical_covariates",
 ]
+
+__getattr__ = lazy_getattr(
+    __name__, {}, moved={"derive_covariates": "mcvi_ops.pp.derive_covariates"}
+)

@@ -19,7 +19,7 @@ def _truth(adata: AnnData) -> pd.DataFrame:
     if "ground_truth" not in adata.uns:
         msg = (
             "Did not find adata.uns['ground_truth']; this scores simulated screens only. Make one "
-            "with `mcvi_ops.data.synthetic_screen`."
+            "with `mcvi_ops.datasets.synthetic_screen`."
         )
         raise KeyError(msg)
     return pd.DataFrame(adata.uns["ground_truth"])
@@ -47,7 +47,7 @@ def score_synthetic_screen(
     Parameters
     ----------
     adata
-        A screen from :func:`~mcvi_ops.data.synthetic_screen` with embeddings in ``.obsm``.
+        A screen from :func:`~mcvi_ops.datasets.synthetic_screen` with embeddings in ``.obsm``.
     use_rep
         Keys of ``.obsm`` to score.
     salient_background

@@ -9,18 +9,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from scvi import REGISTRY_KEYS
 from anndata import AnnData
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
-from mcvi_ops._constants import BATCH_KEY, CONTROL_CODE, IMAGE_KEY, PERTURBATION_KEY
+from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, PERTURBATION_KEY
 from mcvi_ops.data._fields import ImageField, PerturbationField
 from mcvi_ops.data._link import UNS_KEY, crop_reference, linked_store
-from mcvi_ops.data._loader import CropDataLoader, CropDataSplitter
-
-from ._training_plan import ImageTrainingPlan
+from mcvi_ops.dataloaders import CropDataLoader, CropDataSplitter
+from mcvi_ops.train import ImageTrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
                     "(e.g. one combining plate and well) or `batch_key=None`."
                 )
                 raise KeyError(msg)
-            fields.append(CategoricalObsField(BATCH_KEY, batch_key))
+            fields.append(CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key))
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
@@ -96,7 +96,7 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
     def _image_layout(self) -> tuple[int, tuple[int, int], int, int]:
         stats = self.summary_stats
         n_batch = (
-            int(stats.get("n_batch", 0)) if BATCH_KEY in self.adata_manager.data_registry else 0
+            int(stats.get("n_batch", 0)) if REGISTRY_KEYS.BATCH_KEY in self.adata_manager.data_registry else 0
         )
         return (
             int(stats["n_channels"]),
@@ -225,7 +225,7 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         window_chunks
             Store chunks shuffled together; larger mixes better, smaller reads more sequentially.
         datasplitter_kwargs
-            More arguments of :class:`~mcvi_ops.data.CropDataSplitter`.
+            More arguments of :class:`~mcvi_ops.dataloaders.CropDataSplitter`.
         plan_kwargs
             More arguments of :class:`scvi.train.TrainingPlan`.
         **trainer_kwargs

@@ -9,9 +9,10 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+from scvi import REGISTRY_KEYS
 from anndata import AnnData
 
-from mcvi_ops._constants import BATCH_KEY, PERTURBATION_KEY
+from mcvi_ops._constants import OBSM, PERTURBATION_KEY
 from mcvi_ops.module import MultiContrastiveVAE
 
 from ._base import BaseImageModel
@@ -19,7 +20,7 @@ from ._base import BaseImageModel
 logger = logging.getLogger(__name__)
 
 LatentKind = Literal["salient", "background", "both"]
-_OBSM_KEYS = {"salient": "X_mcvae_salient", "background": "X_mcvae_background", "both": "X_mcvae"}
+_OBSM_KEYS = {"salient": OBSM.salient, "background": OBSM.background, "both": OBSM.both}
 
 
 class MCVAE(BaseImageModel):
@@ -52,7 +53,7 @@ class MCVAE(BaseImageModel):
     Examples
     --------
     >>> import mcvi_ops
-    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=2_000, seed=0)
+    >>> adata = mcvi_ops.datasets.synthetic_screen(n_cells=2_000, seed=0)
     >>> mcvi_ops.MCVAE.setup_anndata(
     ...     adata, perturbation_key="gene_symbol", control_category="nontargeting"
     ... )
@@ -267,7 +268,7 @@ class MCVAE(BaseImageModel):
         if batch is None:
             msg = "The model was set up with `batch_key`; pass `batch=` with one category per code."
             raise ValueError(msg)
-        mapping = list(self.adata_manager.get_state_registry(BATCH_KEY).categorical_mapping)
+        mapping = list(self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping)
         unknown = [b for b in batch if b not in mapping]
         if unknown or len(batch) != n:
             msg = (

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
+from mcvi_ops._constants import OBSM
 from mcvi_ops.module import ImageVAE
 
 from ._base import BaseImageModel
@@ -34,7 +35,7 @@ class VAE(BaseImageModel):
     Examples
     --------
     >>> import mcvi_ops
-    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=2_000, seed=0)
+    >>> adata = mcvi_ops.datasets.synthetic_screen(n_cells=2_000, seed=0)
     >>> mcvi_ops.VAE.setup_anndata(adata, perturbation_key="gene_symbol")
     >>> model = mcvi_ops.VAE(adata)
     >>> model.train(max_epochs=1)
@@ -100,5 +101,5 @@ class VAE(BaseImageModel):
         ]
         values = torch.cat(latent).numpy()
         if add_to_obsm:
-            self._write_obsm(self.adata if adata is None else adata, "X_vae", values)
+            self._write_obsm(self.adata if adata is None else adata, OBSM.vae, values)
         return values

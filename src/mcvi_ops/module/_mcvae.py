@@ -6,12 +6,13 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from scvi import REGISTRY_KEYS
 import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from mcvi_ops._constants import BATCH_KEY, CONTROL_CODE, PERTURBATION_KEY, X_KEY
+from mcvi_ops._constants import CONTROL_CODE, PERTURBATION_KEY
 from mcvi_ops.nn import ConvDecoder, ConvEncoder
 
 from ._transform import CropTransform
@@ -180,7 +181,7 @@ class MultiContrastiveVAE(BaseModuleClass):
 
     # --- scvi-tools module contract -------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"x": tensors[X_KEY], "perturbation": tensors[PERTURBATION_KEY]}
+        return {"x": tensors[REGISTRY_KEYS.X_KEY], "perturbation": tensors[PERTURBATION_KEY]}
 
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict
@@ -188,7 +189,7 @@ class MultiContrastiveVAE(BaseModuleClass):
         return {
             "z": inference_outputs["z"],
             "s": inference_outputs["s"],
-            "batch_index": tensors.get(BATCH_KEY),
+            "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY),
         }
 
     @auto_move_data
@@ -253,10 +254,10 @@ class MultiContrastiveVAE(BaseModuleClass):
     @torch.inference_mode()
     def reconstruct(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decode posterior means (controls with ``s = 0``), on the [-1, 1] scale."""
-        out = self.inference(tensors[X_KEY], tensors[PERTURBATION_KEY])
+        out = self.inference(tensors[REGISTRY_KEYS.X_KEY], tensors[PERTURBATION_KEY])
         perturbed = (tensors[PERTURBATION_KEY].reshape(-1) != CONTROL_CODE).unsqueeze(-1)
         s = out["qs"].loc * perturbed.to(device=out["qs"].loc.device, dtype=out["qs"].loc.dtype)
-        return self.generative(out["qz"].loc, s, tensors.get(BATCH_KEY))["px_mean"]
+        return self.generative(out["qz"].loc, s, tensors.get(REGISTRY_KEYS.BATCH_KEY))["px_mean"]
 
     @torch.inference_mode()
     def sample(

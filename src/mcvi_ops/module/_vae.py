@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from mcvi_ops._constants import BATCH_KEY, X_KEY
 from mcvi_ops.nn import ConvDecoder, ConvEncoder
 
 from ._mcvae import GaussianImageLikelihood, decoder_input
@@ -67,10 +67,10 @@ class ImageVAE(BaseModuleClass):
         )
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"x": tensors[X_KEY]}
+        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
 
     def _get_generative_input(self, tensors: dict[str, torch.Tensor], inference_outputs: dict):
-        return {"z": inference_outputs["z"], "batch_index": tensors.get(BATCH_KEY)}
+        return {"z": inference_outputs["z"], "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY)}
 
     @auto_move_data
     def inference(self, x: torch.Tensor, n_samples: int = 1) -> dict[str, torch.Tensor | Normal]:
@@ -111,8 +111,8 @@ class ImageVAE(BaseModuleClass):
     @torch.inference_mode()
     def reconstruct(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decode posterior means, on the [-1, 1] scale."""
-        qz = self.inference(tensors[X_KEY])["qz"]
-        return self.generative(qz.loc, tensors.get(BATCH_KEY))["px_mean"]
+        qz = self.inference(tensors[REGISTRY_KEYS.X_KEY])["qz"]
+        return self.generative(qz.loc, tensors.get(REGISTRY_KEYS.BATCH_KEY))["px_mean"]
 
     @torch.inference_mode()
     def sample(

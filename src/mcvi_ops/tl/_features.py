@@ -40,7 +40,7 @@ def feature_embedding(
         Cells x features (e.g. CellProfiler measurements) in ``.X`` or ``layer``.
     batch_key
         Obs column of the batch (e.g. plate and well, see
-        :func:`~mcvi_ops.metrics.derive_covariates`).
+        :func:`~mcvi_ops.pp.derive_covariates`).
     perturbation_key, control_category
         Obs column and value that mark control cells.
     n_comps

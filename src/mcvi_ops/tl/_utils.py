@@ -10,7 +10,11 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from mcvi_ops._utils import check_obs_key
+
 logger = logging.getLogger(__name__)
+
+__all__ = ["check_obs_key", "get_rep", "group_means", "rep_label", "rep_names"]
 
 
 def rep_names(use_rep: str | Sequence[str] | None) -> list[str | None]:
@@ -59,17 +63,6 @@ def get_rep(adata: AnnData, use_rep: str | None, *, dtype=np.float64) -> np.ndar
         msg = f"Representation {rep_label(use_rep)!r} must be 2-D, got shape {x.shape}."
         raise ValueError(msg)
     return x
-
-
-def check_obs_key(adata: AnnData, key: str, *, what: str, hint: str = "") -> pd.Series:
-    """Return ``adata.obs[key]`` or raise a helpful error."""
-    if key not in adata.obs:
-        msg = (
-            f"Did not find the {what} column .obs[{key!r}]; available columns are "
-            f"{list(adata.obs.columns)}.{(' ' + hint) if hint else ''}"
-        )
-        raise KeyError(msg)
-    return adata.obs[key]
 
 
 def group_means(x: np.ndarray, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,8 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField
 
 from mcvi_ops.data import ImageField, link_crops, write_crops
-from mcvi_ops.data._loader import CropDataLoader, CropDataSplitter
-from mcvi_ops.data._sampler import BalancedChunkSampler
+from mcvi_ops.dataloaders import CropDataLoader, CropDataSplitter
+from mcvi_ops.dataloaders._sampler import BalancedChunkSampler
 
 CHUNK = 8
 

@@ -11,7 +11,8 @@ from scipy import ndimage
 from skimage.measure import regionprops
 
 from mcvi_ops.data import get_crops, open_crops
-from mcvi_ops.io import MissingTileError, align_channels, extract_crops, read_cells
+from mcvi_ops.io import MissingTileError, read_cells
+from mcvi_ops.pp import align_channels, extract_crops
 
 
 def _centroid_offsets(crops: np.ndarray, radius: int, centre: float) -> np.ndarray:

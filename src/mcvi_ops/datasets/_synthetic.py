@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._link import link_crops
+from mcvi_ops._constants import UNS
+from mcvi_ops.data._link import link_crops
+from mcvi_ops.data._store import CropStore, CropWriter
+
 from ._phenotypes import (
     BASE_MITOTIC_FRACTION,
     CHANNEL_NAMES,
@@ -22,7 +25,6 @@ from ._phenotypes import (
     sample_cell_params,
 )
 from ._render import TextureBank, render_cells
-from ._store import CropStore, CropWriter
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ def synthetic_screen(
     Examples
     --------
     >>> import mcvi_ops
-    >>> adata = mcvi_ops.data.synthetic_screen(n_cells=500, n_genes=10, seed=0)
+    >>> adata = mcvi_ops.datasets.synthetic_screen(n_cells=500, n_genes=10, seed=0)
     >>> mcvi_ops.data.get_crops(adata, [0, 1]).shape
     (2, 4, 64, 64)
     >>> adata.uns["ground_truth"].columns.tolist()
@@ -226,7 +228,7 @@ def synthetic_screen(
         obs=obs,
         var=pd.DataFrame(index=[f"{c}_mean" for c in CHANNEL_NAMES]),
     )
-    adata.uns["synthetic_screen"] = {
+    adata.uns[UNS.synthetic] = {
         "tile_size": TILE_SIZE,
         "tile_grid": [rows, cols],
         "tile_order": "row-major",
@@ -251,8 +253,8 @@ def synthetic_screen(
         "base_mitotic_fraction": BASE_MITOTIC_FRACTION,
         "effects": dict(EFFECT_DESCRIPTIONS),
     }
-    adata.uns["ground_truth"] = genes
-    adata.uns["guide_truth"] = guides
+    adata.uns[UNS.ground_truth] = genes
+    adata.uns[UNS.guide_truth] = guides
     link_crops(adata, crop_store)
     logger.info(
         "Simulated %d cells (%d genes, %d guides) into %s", n_cells, n_genes, len(guides), store
@@ -307,7 +309,7 @@ def _stream_crops(
         dtype=np.uint16,
         chunk_cells=chunk_cells,
         pixel_size=PIXEL_SIZE * REFERENCE_CROP / crop_size,
-        attrs={"source": "mcvi_ops.data.synthetic_screen", "seed": seed},
+        attrs={"source": "mcvi_ops.datasets.synthetic_screen", "seed": seed},
         overwrite=overwrite,
     ) as writer:
         for start in range(0, n_cells, batch_size):

@@ -123,7 +123,7 @@ class RunFolder:
                 dtype=dtype,
                 chunk_cells=chunk_cells,
                 pixel_size=pixel_size,
-                attrs={"source": "mcvi_ops.io.extract_crops"},
+                attrs={"source": "mcvi_ops.pp.extract_crops"},
                 overwrite=True,
             ).close()
             self._rewrite_log()

@@ -1,4 +1,4 @@
-"""Tests of `mcvi_ops.data.synthetic_screen`: layout, determinism, artefacts and effects."""
+"""Tests of `mcvi_ops.datasets.synthetic_screen`: layout, determinism, artefacts and effects."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from mcvi_ops.data import get_crops, open_crops, synthetic_screen
+from mcvi_ops.data import get_crops, open_crops
+from mcvi_ops.datasets import synthetic_screen
 
 CHANNELS = ["DAPI", "tubulin", "gH2AX", "phalloidin"]
 OFFSET = 100.0  # camera offset of the simulator

@@ -170,7 +170,7 @@ def render_cells(
     Parameters
     ----------
     params
-        Output of :func:`~mcvi_ops.data._phenotypes.sample_cell_params` merged with
+        Output of :func:`~mcvi_ops.datasets._phenotypes.sample_cell_params` merged with
         :meth:`TextureBank.sample`.
     bank
         Texture bank of the screen.

@@ -132,7 +132,7 @@ class BalancedChunkSampler(Sampler[list[int]]):
     Examples
     --------
     >>> import numpy as np
-    >>> from mcvi_ops.data import BalancedChunkSampler
+    >>> from mcvi_ops.dataloaders import BalancedChunkSampler
     >>> rows = np.arange(100)
     >>> sampler = BalancedChunkSampler(
     ...     rows, rows // 10, is_control=rows % 4 == 0, batch_size=10, window_chunks=2, seed=0

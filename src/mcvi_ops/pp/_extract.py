@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from mcvi_ops._constants import UNS
 from mcvi_ops.data import link_crops, open_crops
+from mcvi_ops.io._tables import Preset, as_cell_table, resolve_columns
 
 from ._align import _check_percentiles
 from ._resume import RunFolder, table_fingerprint
-from ._tables import Preset, as_cell_table, resolve_columns
 from ._tiles import (
     ChannelAxis,
     MissingTileError,
@@ -33,7 +34,7 @@ from ._tiles import (
 
 logger = logging.getLogger(__name__)
 
-UNS_KEY = "extract_crops"
+UNS_KEY = UNS.extract
 TileInput = (
     str | os.PathLike | np.ndarray | Sequence[Any] | Mapping[Any, Any] | Callable[[Any], Any]
 )
@@ -204,7 +205,7 @@ def extract_crops(
         integer axis.
     align
         Align every channel to ``reference_channel`` by phase cross-correlation (sub-pixel) with
-        :func:`~mcvi_ops.io.align_channels`. The shifts are recorded in ``.uns``.
+        :func:`~mcvi_ops.pp.align_channels`. The shifts are recorded in ``.uns``.
     reference_channel
         Index or name of the channel the others are aligned to.
     upsample_factor
@@ -265,7 +266,7 @@ def extract_crops(
     Examples
     --------
     >>> import mcvi_ops
-    >>> adata = mcvi_ops.io.extract_crops(  # doctest: +SKIP
+    >>> adata = mcvi_ops.pp.extract_crops(  # doctest: +SKIP
     ...     "tiles/{well}_Tile-{tile}.tif",
     ...     "cells.csv",
     ...     "crops/",

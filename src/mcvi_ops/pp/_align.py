@@ -68,7 +68,7 @@ def align_channels(
     Examples
     --------
     >>> import numpy as np
-    >>> from mcvi_ops.io import align_channels
+    >>> from mcvi_ops.pp import align_channels
     >>> rng = np.random.default_rng(0)
     >>> image = np.stack([rng.random((64, 64))] * 2)
     >>> image[1] = np.roll(image[1], 3, axis=0)
@@ -129,7 +129,7 @@ def clip_percentiles(
     Examples
     --------
     >>> import numpy as np
-    >>> from mcvi_ops.io import clip_percentiles
+    >>> from mcvi_ops.pp import clip_percentiles
     >>> image = np.arange(1000, dtype=np.float32).reshape(1, 10, 100)
     >>> clip_percentiles(image, (1, 99)).max() < 999
     True

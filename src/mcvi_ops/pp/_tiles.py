@@ -11,17 +11,20 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mcvi_ops.io._images import (
+    IMAGE_SUFFIXES,
+    ChannelAxis,
+    MissingTileError,
+    image_files,
+    read_image,
+    stem,
+    to_channel_first,
+)
+
 from ._align import align_channels, clip_percentiles
+from ._resize import cast_crops, resize_crops
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".npy")
-ChannelAxis = int | Literal["first", "last"]
-
-
-class MissingTileError(LookupError):
-    """A tile named by the cell table has no image."""
-
 
 @dataclass
 class TileTask:
@@ -57,20 +60,6 @@ def tile_label(names: Sequence[str], key: Any) -> str:
         return "the image"
     values = key if isinstance(key, tuple) else (key,)
     return ", ".join(f"{n}={v!r}" for n, v in zip(names, values, strict=True))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
-    )
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".npy"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def resolve_sources(tiles: Any, names: Sequence[str], keys: list[Any]) -> tuple[list[Any], str]:
@@ -111,13 +100,13 @@ def resolve_sources(tiles: Any, names: Sequence[str], keys: list[Any]) -> tuple[
             return sources, "template"
         path = Path(text)
         if path.is_dir():
-            files = _image_files(path)
+            files = image_files(path)
             if not files:
                 msg = f"The tile folder {text!r} holds no .tif/.tiff/.npy images."
                 raise FileNotFoundError(msg)
             if len(files) == 1 and len(keys) == 1:
                 return [str(files[0])], "folder"
-            by_stem = {_stem(p): str(p) for p in files}
+            by_stem = {stem(p): str(p) for p in files}
             sources = []
             for key in keys:
                 values = key if isinstance(key, tuple) else (key,)
@@ -153,16 +142,6 @@ def resolve_sources(tiles: Any, names: Sequence[str], keys: list[Any]) -> tuple[
     raise TypeError(msg)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a TIFF/OME-TIFF (first series) or ``.npy`` image."""
-    path = os.fspath(path)
-    if path.lower().endswith(".npy"):
-        return np.load(path)
-    import tifffile
-
-    return tifffile.imread(path)
-
-
 def _load(task: TileTask) -> np.ndarray | None:
     source = task.source
     if isinstance(source, tuple) and len(source) == 2 and callable(source[0]):
@@ -179,32 +158,6 @@ def _load(task: TileTask) -> np.ndarray | None:
             return None
         return read_image(source)
     return np.asarray(source)
-
-
-def to_channel_first(
-    image: np.ndarray, *, channel_axis: ChannelAxis, n_channels: int, where: str
-) -> np.ndarray:
-    """Move the channel axis first and check the channel count."""
-    image = np.asarray(image)
-    while image.ndim > 3 and image.shape[0] == 1:
-        image = image[0]
-    if image.ndim == 2 and n_channels == 1:
-        return image[None]
-    axis = {"first": 0, "last": -1}.get(channel_axis, channel_axis)  # type: ignore[arg-type]
-    if image.ndim != 3:
-        msg = (
-            f"{where} has shape {image.shape}; expected a 3-D multichannel image "
-            f"(channels, height, width) or (height, width, channels) with {n_channels} channels."
-        )
-        raise ValueError(msg)
-    if image.shape[axis] != n_channels:
-        msg = (
-            f"{where} has shape {image.shape}: with channel_axis={channel_axis!r} that is "
-            f"{image.shape[axis]} channels, but {n_channels} channel names were given. Set "
-            "channel_axis ('first' for (C, Y, X), 'last' for (Y, X, C)) or fix channel_names."
-        )
-        raise ValueError(msg)
-    return np.moveaxis(image, axis, 0)
 
 
 def crop_windows(
@@ -226,35 +179,6 @@ def crop_windows(
         if t1 > t0 and l1 > l0:
             out[i, :, t0 - t : t1 - t, l0 - l_ : l1 - l_] = image[:, t0:t1, l0:l1]
     return out
-
-
-def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
-    """Anti-aliased resize of ``(n, C, h, w)`` crops to ``(n, C, size, size)`` as float32."""
-    from skimage.transform import resize
-
-    n, c, h, w = crops.shape
-    if (h, w) == (size, size) or n == 0:
-        return crops.astype(np.float32, copy=False)
-    stacked = crops.reshape(n * c, h, w).transpose(1, 2, 0).astype(np.float32, copy=False)
-    # the last axis keeps its length, so it is neither smoothed nor interpolated
-    resized = resize(stacked, (size, size, n * c), order=1, anti_aliasing=True, preserve_range=True)
-    return resized.transpose(2, 0, 1).reshape(n, c, size, size).astype(np.float32, copy=False)
-
-
-def cast_crops(crops: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast pixels to the output dtype, rounding and saturating for integers."""
-    if crops.dtype == dtype:
-        return crops
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        if np.issubdtype(crops.dtype, np.floating):
-            crops = np.rint(crops)
-            np.maximum(crops, info.min, out=crops)
-            np.minimum(crops, info.max, out=crops)
-        else:
-            crops = np.clip(crops, info.min, info.max)
-        return crops.astype(dtype)
-    return crops.astype(dtype)
 
 
 def process_tile(task: TileTask) -> TileResult:

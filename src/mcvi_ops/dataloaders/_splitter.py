@@ -1,0 +1,241 @@
+"""The train/validation/test splitter of image crops, stratified by control status."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import numpy as np
+from scvi.data import AnnDataManager
+
+from ._loader import CropDataLoader
+from ._sampler import _default_seed
+
+logger = logging.getLogger(__name__)
+
+
+def _split_counts(n: int, train_size: float, validation_size: float | None) -> tuple[int, int]:
+    """Numbers of train and validation cells of a group of ``n`` (scvi's rounding)."""
+    n_train = min(n, int(np.ceil(train_size * n - 1e-9)))
+    if validation_size is None:
+        n_val = n - n_train
+    else:
+        n_val = min(n - n_train, int(np.floor(validation_size * n + 1e-9)))
+    return n_train, n_val
+
+
+class CropDataSplitter(pl.LightningDataModule):
+    """Train, validation and test loaders of image crops, split stratified by control status.
+
+    Controls and perturbed cells are each split with the same fractions, so every split keeps
+    the screen's ratio of control to perturbed cells. The split depends only on ``seed``.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of an AnnData set up with an :class:`~mcvi_ops.data.ImageField` and (for
+        ``balanced=True`` or a stratified split) a perturbation field.
+    train_size
+        Fraction of cells for training; `None` means 0.9.
+    validation_size
+        Fraction of cells for validation; by default all cells not used for training.
+    shuffle_set_split
+        Shuffle before splitting. If `False`, the first cells (in row order) of each group train,
+        the next validate and the rest test.
+    batch_size
+        Cells per batch.
+    balanced
+        Balance control and perturbed cells in every batch (:class:`BalancedChunkSampler`).
+    distributed_sampler
+        Shard batches across the processes of ``torch.distributed``. When a Lightning trainer with
+        more than one process is attached, its world size and rank are used regardless.
+    window_chunks
+        Number of store chunks whose cells are shuffled together.
+    num_workers
+        Data-loader worker processes.
+    seed
+        Seed of the split and of the shuffles; ``scvi.settings.seed`` by default.
+    drop_last
+        Drop the last, smaller training batch of each epoch.
+    image_key
+        Registry key of the image field.
+    perturbation_key
+        Registry key of the perturbation field.
+    control_code
+        Code of the control category in the perturbation field.
+    load_sparse_tensor
+        Accepted for compatibility with scvi-tools' training code and ignored (crops are dense).
+    **kwargs
+        Passed to :class:`CropDataLoader` and on to :class:`torch.utils.data.DataLoader`
+        (``pin_memory``, ``persistent_workers``, ...).
+
+    Notes
+    -----
+    Under DDP, create the Lightning trainer with ``use_distributed_sampler=False``: the samplers
+    shard by rank themselves, and Lightning would otherwise try to replace them.
+
+    Examples
+    --------
+    >>> splitter = CropDataSplitter(manager, train_size=0.9, batch_size=128)  # doctest: +SKIP
+    >>> splitter.setup()  # doctest: +SKIP
+    >>> batch = next(iter(splitter.train_dataloader()))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        *,
+        train_size: float | None = 0.9,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        batch_size: int = 256,
+        balanced: bool = True,
+        distributed_sampler: bool = False,
+        window_chunks: int = 8,
+        num_workers: int = 0,
+        seed: int | None = None,
+        drop_last: bool = False,
+        image_key: str = "crops",
+        perturbation_key: str = "perturbation",
+        control_code: int = 0,
+        load_sparse_tensor: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        train_size = 0.9 if train_size is None else float(train_size)
+        if not 0.0 < train_size <= 1.0:
+            msg = f"`train_size` must be in (0, 1], got {train_size}."
+            raise ValueError(msg)
+        if validation_size is not None:
+            validation_size = float(validation_size)
+            if not 0.0 <= validation_size <= 1.0 - train_size + 1e-9:
+                msg = (
+                    f"`validation_size` must be in [0, 1 - train_size] = [0, {1 - train_size:g}], "
+                    f"got {validation_size}. Lower `train_size` or `validation_size`."
+                )
+                raise ValueError(msg)
+        if load_sparse_tensor:
+            logger.info("`load_sparse_tensor` is ignored: image crops are dense.")
+        self.adata_manager = adata_manager
+        self.train_size = train_size
+        self.validation_size = validation_size
+        self.shuffle_set_split = bool(shuffle_set_split)
+        self.batch_size = batch_size
+        self.balanced = bool(balanced)
+        self.distributed_sampler = bool(distributed_sampler)
+        self.window_chunks = window_chunks
+        self.num_workers = num_workers
+        self.seed = _default_seed() if seed is None else int(seed)
+        self.drop_last = bool(drop_last)
+        self.image_key = image_key
+        self.perturbation_key = perturbation_key
+        self.control_code = control_code
+        self.data_loader_kwargs = kwargs
+        self._replicas: tuple[int | None, int | None] = (
+            (None, None) if self.distributed_sampler else (1, 0)
+        )
+        self._split()
+
+    def _groups(self) -> list[np.ndarray]:
+        n_obs = self.adata_manager.adata.n_obs
+        if self.perturbation_key not in self.adata_manager.data_registry:
+            if self.balanced:
+                msg = (
+                    f"`balanced=True` needs the perturbation field {self.perturbation_key!r}, but "
+                    f"the registered keys are {list(self.adata_manager.data_registry.keys())}. "
+                    "Register it or use `balanced=False`."
+                )
+                raise KeyError(msg)
+            return [np.arange(n_obs)]
+        codes = np.asarray(self.adata_manager.get_from_registry(self.perturbation_key))
+        is_control = codes.reshape(-1) == self.control_code
+        return [np.flatnonzero(is_control), np.flatnonzero(~is_control)]
+
+    def _split(self) -> None:
+        groups = self._groups()
+        rng = np.random.default_rng(self.seed)
+        train, val, test = [], [], []
+        for name, positions in zip(("control", "perturbed"), groups, strict=False):
+            n_train, n_val = _split_counts(len(positions), self.train_size, self.validation_size)
+            if self.balanced and n_train == 0:
+                msg = (
+                    f"The training split holds no {name} cells ({len(positions)} {name} cells in "
+                    "the data), so balanced batches cannot be formed. Balanced training needs both "
+                    "control and perturbed cells; check the perturbation field and `control_code`, "
+                    "or use `balanced=False`."
+                )
+                raise ValueError(msg)
+            if self.shuffle_set_split:
+                positions = rng.permutation(positions)
+            train.append(positions[:n_train])
+            val.append(positions[n_train : n_train + n_val])
+            test.append(positions[n_train + n_val :])
+        self.train_idx = np.sort(np.concatenate(train))
+        self.val_idx = np.sort(np.concatenate(val))
+        self.test_idx = np.sort(np.concatenate(test))
+        self.n_train = len(self.train_idx)
+        self.n_val = len(self.val_idx)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Use the attached trainer's world size and rank for the samplers (DDP)."""
+        trainer = getattr(self, "trainer", None)
+        world_size = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        if world_size > 1:
+            connector = getattr(trainer, "_accelerator_connector", None)
+            if getattr(connector, "use_distributed_sampler", False):
+                msg = (
+                    f"The trainer runs {world_size} processes with `use_distributed_sampler=True`, "
+                    "which would replace the balanced, chunk-aware samplers of CropDataSplitter. "
+                    "Create the trainer with `use_distributed_sampler=False` (the samplers shard "
+                    "by rank themselves)."
+                )
+                raise ValueError(msg)
+            self._replicas = (world_size, int(trainer.global_rank))
+        logger.debug("CropDataSplitter replicas (num_replicas, rank): %s", self._replicas)
+
+    def _loader(
+        self, indices: np.ndarray, *, shuffle: bool, drop_last: bool
+    ) -> CropDataLoader | None:
+        if len(indices) == 0:
+            return None
+        balanced = self.balanced
+        if balanced:
+            codes = self.adata_manager.get_from_registry(self.perturbation_key)
+            n_control = int((np.asarray(codes).reshape(-1)[indices] == self.control_code).sum())
+            if n_control in (0, len(indices)):
+                logger.warning(
+                    "A split of %d cells holds %s; its batches are not balanced.",
+                    len(indices),
+                    "no control cells" if n_control == 0 else "only control cells",
+                )
+                balanced = False
+        num_replicas, rank = self._replicas
+        return CropDataLoader(
+            self.adata_manager,
+            indices,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            balanced=balanced,
+            window_chunks=self.window_chunks,
+            drop_last=drop_last,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            image_key=self.image_key,
+            perturbation_key=self.perturbation_key,
+            control_code=self.control_code,
+            num_replicas=num_replicas,
+            rank=rank,
+            **self.data_loader_kwargs,
+        )
+
+    def train_dataloader(self) -> CropDataLoader:
+        """Make balanced (if ``balanced``), chunk-locally shuffled batches, a new order each epoch."""
+        return self._loader(self.train_idx, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> CropDataLoader | None:
+        """Make validation batches in row order (the same every epoch); `None` if no cells."""
+        return self._loader(self.val_idx, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> CropDataLoader | None:
+        """Make test batches in row order; `None` if no cells."""
+        return self._loader(self.test_idx, shuffle=False, drop_last=False)

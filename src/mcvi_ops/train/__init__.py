@@ -1,0 +1,5 @@
+"""The training plan of the image models."""
+
+from ._training_plan import ImageTrainingPlan
+
+__all__ = ["ImageTrainingPlan"]
