@@ -292,3 +292,15 @@ def test_splitter_ddp_and_errors():
         CropDataSplitter(manager, batch_size=9).train_dataloader()
     with pytest.raises(ValueError, match="validation_size"):
         CropDataSplitter(manager, train_size=0.9, validation_size=0.5)
+
+
+def test_splitter_is_an_scvi_data_splitter():
+    from scvi.dataloaders import DataSplitter
+
+    manager, _ = make_manager(n_cells=200, n_control=40)
+    splitter = CropDataSplitter(manager, train_size=1.0, batch_size=8)
+    assert isinstance(splitter, DataSplitter)
+    assert splitter.data_loader_cls is CropDataLoader
+    assert len(splitter.val_idx) == 0 and splitter.val_dataloader() is None
+    with pytest.raises(ValueError, match="which are dense"):
+        CropDataSplitter(manager, load_sparse_tensor=True)

@@ -103,6 +103,40 @@ def test_vae_baseline_trains_one_epoch(screen):
     assert latent.shape == (screen.n_obs, 10)
     assert screen.obsm["X_vae"].shape == (screen.n_obs, 10)
     assert model.get_reconstruction(indices=[0, 5]).shape == (2, 4, 32, 32)
+    _check_elbo_and_reconstruction_error(model)
+
+
+def _check_elbo_and_reconstruction_error(model):
+    """scvi-tools' VAEMixin metrics work on both image models, per cell and as means."""
+    per_cell = model.get_elbo(indices=np.arange(40), return_mean=False)
+    assert per_cell.shape == (40,)
+    assert np.isfinite(per_cell.numpy()).all()
+    mean = model.get_elbo(indices=np.arange(40))
+    # each call draws its own posterior sample, so the two estimates agree only roughly
+    np.testing.assert_allclose(float(mean), float(per_cell.mean()), rtol=0.05)
+    error = model.get_reconstruction_error(indices=np.arange(40))
+    assert set(error) == {"reconstruction_loss"}
+    # minus the ELBO is the reconstruction error plus a KL term that is small next to a sum over
+    # every pixel (both estimates draw their own posterior samples)
+    reconstruction = float(error["reconstruction_loss"])
+    assert abs(-float(mean) - reconstruction) < 0.05 * abs(reconstruction)
+
+
+def test_mcvae_elbo_and_loader_settings(screen):
+    import scvi
+
+    model = _model(screen)
+    model.train(**FAST_TRAIN)
+    _check_elbo_and_reconstruction_error(model)
+    # inference loaders come through `_data_loader_cls` and honour scvi-tools' settings
+    old = scvi.settings.batch_size
+    try:
+        scvi.settings.batch_size = 7
+        loader = model._make_data_loader(adata=screen, indices=np.arange(20))
+        assert isinstance(loader, model._data_loader_cls)
+        assert [len(b["X"]) for b in loader] == [7, 7, 6]
+    finally:
+        scvi.settings.batch_size = old
 
 
 def test_outputs_images(screen):

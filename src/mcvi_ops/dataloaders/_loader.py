@@ -15,7 +15,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from torch.utils.data import DataLoader, Dataset
 
-from mcvi_ops._constants import CROP_INDEX_KEY, IMAGE_KEY, PERTURBATION_KEY
+from mcvi_ops._constants import CROP_INDEX_KEY
 from mcvi_ops.data._link import UNS_KEY, crop_reference
 from mcvi_ops.data._store import _MEMORY_PREFIX, CropStore, open_crops
 

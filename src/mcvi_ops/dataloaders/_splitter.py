@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import lightning.pytorch as pl
 import numpy as np
+from scvi import settings
 from scvi.data import AnnDataManager
+from scvi.dataloaders import DataSplitter
+from scvi.dataloaders._data_splitting import validate_data_split
+
+from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, PERTURBATION_KEY
 
 from ._loader import CropDataLoader
 from ._sampler import _default_seed
@@ -15,17 +19,17 @@ logger = logging.getLogger(__name__)
 
 
 def _split_counts(n: int, train_size: float, validation_size: float | None) -> tuple[int, int]:
-    """Numbers of train and validation cells of a group of ``n`` (scvi's rounding)."""
-    n_train = min(n, int(np.ceil(train_size * n - 1e-9)))
-    if validation_size is None:
-        n_val = n - n_train
-    else:
-        n_val = min(n - n_train, int(np.floor(validation_size * n + 1e-9)))
-    return n_train, n_val
+    """Numbers of train and validation cells of a group of ``n``, rounded as scvi-tools does."""
+    if n == 0:
+        return 0, 0
+    return validate_data_split(n, train_size, validation_size, batch_size=None)
 
 
-class CropDataSplitter(pl.LightningDataModule):
+class CropDataSplitter(DataSplitter):
     """Train, validation and test loaders of image crops, split stratified by control status.
+
+    A :class:`scvi.dataloaders.DataSplitter` whose split keeps the screen's ratio of control to
+    perturbed cells and whose loaders are :class:`CropDataLoader` (``data_loader_cls``).
 
     Controls and perturbed cells are each split with the same fractions, so every split keeps
     the screen's ratio of control to perturbed cells. The split depends only on ``seed``.
@@ -42,8 +46,12 @@ class CropDataSplitter(pl.LightningDataModule):
     shuffle_set_split
         Shuffle before splitting. If `False`, the first cells (in row order) of each group train,
         the next validate and the rest test.
+    load_sparse_tensor
+        Must stay `False`: crops are dense (an error otherwise).
+    pin_memory
+        Copy batches into page-locked memory (faster transfers to a GPU).
     batch_size
-        Cells per batch.
+        Cells per batch; ``scvi.settings.batch_size`` by default.
     balanced
         Balance control and perturbed cells in every batch (:class:`BalancedChunkSampler`).
     distributed_sampler
@@ -52,7 +60,7 @@ class CropDataSplitter(pl.LightningDataModule):
     window_chunks
         Number of store chunks whose cells are shuffled together.
     num_workers
-        Data-loader worker processes.
+        Data-loader worker processes; ``scvi.settings.dl_num_workers`` by default.
     seed
         Seed of the split and of the shuffles; ``scvi.settings.seed`` by default.
     drop_last
@@ -63,11 +71,9 @@ class CropDataSplitter(pl.LightningDataModule):
         Registry key of the perturbation field.
     control_code
         Code of the control category in the perturbation field.
-    load_sparse_tensor
-        Accepted for compatibility with scvi-tools' training code and ignored (crops are dense).
     **kwargs
         Passed to :class:`CropDataLoader` and on to :class:`torch.utils.data.DataLoader`
-        (``pin_memory``, ``persistent_workers``, ...).
+        (``persistent_workers``, ``prefetch_factor``, ...).
 
     Notes
     -----
@@ -81,45 +87,59 @@ class CropDataSplitter(pl.LightningDataModule):
     >>> batch = next(iter(splitter.train_dataloader()))  # doctest: +SKIP
     """
 
+    data_loader_cls = CropDataLoader
+
     def __init__(
         self,
         adata_manager: AnnDataManager,
-        *,
-        train_size: float | None = 0.9,
+        train_size: float | None = None,
         validation_size: float | None = None,
         shuffle_set_split: bool = True,
-        batch_size: int = 256,
+        load_sparse_tensor: bool = False,
+        pin_memory: bool = False,
+        *,
+        batch_size: int | None = None,
         balanced: bool = True,
         distributed_sampler: bool = False,
         window_chunks: int = 8,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int | None = None,
         drop_last: bool = False,
-        image_key: str = "crops",
-        perturbation_key: str = "perturbation",
-        control_code: int = 0,
-        load_sparse_tensor: bool = False,
+        image_key: str = IMAGE_KEY,
+        perturbation_key: str = PERTURBATION_KEY,
+        control_code: int = CONTROL_CODE,
         **kwargs,
     ) -> None:
-        super().__init__()
-        train_size = 0.9 if train_size is None else float(train_size)
-        if not 0.0 < train_size <= 1.0:
+        train_fraction = 0.9 if train_size is None else float(train_size)
+        if not 0.0 < train_fraction <= 1.0:
             msg = f"`train_size` must be in (0, 1], got {train_size}."
             raise ValueError(msg)
         if validation_size is not None:
             validation_size = float(validation_size)
-            if not 0.0 <= validation_size <= 1.0 - train_size + 1e-9:
+            if not 0.0 <= validation_size <= 1.0 - train_fraction + 1e-9:
                 msg = (
-                    f"`validation_size` must be in [0, 1 - train_size] = [0, {1 - train_size:g}], "
-                    f"got {validation_size}. Lower `train_size` or `validation_size`."
+                    f"`validation_size` must be in [0, 1 - train_size] = "
+                    f"[0, {1 - train_fraction:g}], got {validation_size}. Lower `train_size` or "
+                    "`validation_size`."
                 )
                 raise ValueError(msg)
         if load_sparse_tensor:
-            logger.info("`load_sparse_tensor` is ignored: image crops are dense.")
-        self.adata_manager = adata_manager
-        self.train_size = train_size
-        self.validation_size = validation_size
-        self.shuffle_set_split = bool(shuffle_set_split)
+            msg = (
+                "`load_sparse_tensor=True` does not apply to image crops, which are dense; "
+                "leave it False."
+            )
+            raise ValueError(msg)
+        batch_size = settings.batch_size if batch_size is None else int(batch_size)
+        num_workers = settings.dl_num_workers if num_workers is None else int(num_workers)
+        super().__init__(
+            adata_manager,
+            train_size=train_fraction,
+            validation_size=validation_size,
+            shuffle_set_split=shuffle_set_split,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            **kwargs,
+        )
         self.batch_size = batch_size
         self.balanced = bool(balanced)
         self.distributed_sampler = bool(distributed_sampler)
@@ -130,7 +150,6 @@ class CropDataSplitter(pl.LightningDataModule):
         self.image_key = image_key
         self.perturbation_key = perturbation_key
         self.control_code = control_code
-        self.data_loader_kwargs = kwargs
         self._replicas: tuple[int | None, int | None] = (
             (None, None) if self.distributed_sampler else (1, 0)
         )
@@ -210,7 +229,7 @@ class CropDataSplitter(pl.LightningDataModule):
                 )
                 balanced = False
         num_replicas, rank = self._replicas
-        return CropDataLoader(
+        return self.data_loader_cls(
             self.adata_manager,
             indices,
             batch_size=self.batch_size,
@@ -225,6 +244,7 @@ class CropDataSplitter(pl.LightningDataModule):
             control_code=self.control_code,
             num_replicas=num_replicas,
             rank=rank,
+            pin_memory=self.pin_memory,
             **self.data_loader_kwargs,
         )
 

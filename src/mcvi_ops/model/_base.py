@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scvi import REGISTRY_KEYS
 from anndata import AnnData
+from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
 from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, PERTURBATION_KEY
@@ -36,9 +36,10 @@ def default_max_epochs(n_cells: int) -> int:
     return int(np.clip(math.ceil(_TARGET_CELLS_SEEN / max(n_cells, 1)), 2, 40))
 
 
-class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
+class BaseImageModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Base class of models on image crops linked to AnnData rows (not used directly)."""
 
+    _data_loader_cls = CropDataLoader
     _data_splitter_cls = CropDataSplitter
     _training_plan_cls = ImageTrainingPlan
     _balanced_training = True
@@ -96,7 +97,9 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
     def _image_layout(self) -> tuple[int, tuple[int, int], int, int]:
         stats = self.summary_stats
         n_batch = (
-            int(stats.get("n_batch", 0)) if REGISTRY_KEYS.BATCH_KEY in self.adata_manager.data_registry else 0
+            int(stats.get("n_batch", 0))
+            if REGISTRY_KEYS.BATCH_KEY in self.adata_manager.data_registry
+            else 0
         )
         return (
             int(stats["n_channels"]),
@@ -107,8 +110,7 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
 
     def _fit_input_transform(self, *, max_cells: int = 2_000, seed: int = 0) -> None:
         """Fit the arcsinh/scaling statistics of the module's input transform on control cells."""
-        codes = self.adata_manager.get_from_registry(PERTURBATION_KEY).reshape(-1)
-        controls = np.flatnonzero(codes == CONTROL_CODE)
+        controls = np.flatnonzero(self._is_control_cell())
         rng = np.random.default_rng(seed)
         if len(controls) > max_cells:
             controls = np.sort(rng.choice(controls, max_cells, replace=False))
@@ -116,31 +118,15 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         store = linked_store(self.adata, uns_key=self._uns_key())
         self.module.transform.fit(store.take(crop_index[controls]))
 
+    def _is_control_cell(self) -> np.ndarray:
+        """Boolean mask of the registered cells that are controls."""
+        codes = self.adata_manager.get_from_registry(PERTURBATION_KEY)
+        return np.asarray(codes).reshape(-1) == CONTROL_CODE
+
     def _uns_key(self) -> str:
         return self.adata_manager.registry["setup_args"].get("uns_key", UNS_KEY)
 
     # --- data loading ---------------------------------------------------------------------
-    def _make_data_loader(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-        shuffle: bool = False,
-        **kwargs,
-    ) -> CropDataLoader:
-        adata = self._validate_anndata(adata)
-        manager = self.get_anndata_manager(adata)
-        if indices is None:
-            indices = np.arange(adata.n_obs)
-        return CropDataLoader(
-            manager,
-            indices=np.asarray(indices),
-            batch_size=batch_size or 256,
-            shuffle=shuffle,
-            balanced=False,
-            **kwargs,
-        )
-
     def _validate_anndata(
         self, adata: AnnData | None = None, copy_if_view: bool = True, **kwargs
     ) -> AnnData:
@@ -286,11 +272,11 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         )
 
     def _steps_per_epoch(self, batch_size: int, train_size: float) -> int:
-        codes = self.adata_manager.get_from_registry(PERTURBATION_KEY).reshape(-1)
+        control = self._is_control_cell()
         if self._balanced_training:
-            n_cells, per_batch = int((codes != CONTROL_CODE).sum()), batch_size // 2
+            n_cells, per_batch = int((~control).sum()), batch_size // 2
         else:
-            n_cells, per_batch = len(codes), batch_size
+            n_cells, per_batch = len(control), batch_size
         return max(1, math.ceil(n_cells * train_size / per_batch))
 
     # --- outputs shared by the image models -----------------------------------------------
@@ -332,8 +318,8 @@ class BaseImageModel(UnsupervisedTrainingMixin, BaseModelClass):
         self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None
     ) -> Iterator[dict[str, torch.Tensor]]:
         self._check_if_trained(warn=True)
-        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        yield from loader
+        adata = self._validate_anndata(adata)
+        yield from self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
 
     def _to_images(self, transformed: torch.Tensor, inverse_transform: bool) -> np.ndarray:
         out = self.module.transform.inverse(transformed) if inverse_transform else transformed

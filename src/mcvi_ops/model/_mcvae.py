@@ -9,8 +9,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from scvi import REGISTRY_KEYS
 from anndata import AnnData
+from scvi import REGISTRY_KEYS
 
 from mcvi_ops._constants import OBSM, PERTURBATION_KEY
 from mcvi_ops.module import MultiContrastiveVAE
@@ -146,7 +146,7 @@ class MCVAE(BaseImageModel):
         self.module.eval()
         salient, background = [], []
         for tensors in self._iterate(adata, indices, batch_size):
-            out = self.module.inference(tensors["X"], tensors[PERTURBATION_KEY])
+            out = self.module.inference(**self.module._get_inference_input(tensors))
             salient.append(out["qs"].loc.float().cpu())
             background.append(out["qz"].loc.float().cpu())
         parts = {
@@ -268,7 +268,9 @@ class MCVAE(BaseImageModel):
         if batch is None:
             msg = "The model was set up with `batch_key`; pass `batch=` with one category per code."
             raise ValueError(msg)
-        mapping = list(self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping)
+        mapping = list(
+            self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+        )
         unknown = [b for b in batch if b not in mapping]
         if unknown or len(batch) != n:
             msg = (

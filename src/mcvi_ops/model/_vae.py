@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from anndata import AnnData
 
 from mcvi_ops._constants import OBSM
@@ -62,7 +61,6 @@ class VAE(BaseImageModel):
         )
         self.init_params_ = self._get_init_params(locals())
 
-    @torch.inference_mode()
     def get_latent_representation(
         self,
         adata: AnnData | None = None,
@@ -70,6 +68,7 @@ class VAE(BaseImageModel):
         *,
         batch_size: int | None = None,
         add_to_obsm: bool = False,
+        **kwargs,
     ) -> np.ndarray:
         """Posterior means of the latent.
 
@@ -80,9 +79,11 @@ class VAE(BaseImageModel):
         indices
             Rows of ``adata`` to embed (default: all).
         batch_size
-            Cells per minibatch.
+            Cells per minibatch (``scvi.settings.batch_size`` by default).
         add_to_obsm
             Also write the result to ``adata.obsm["X_vae"]`` (all rows only).
+        **kwargs
+            More arguments of :meth:`scvi.model.base.VAEMixin.get_latent_representation`.
 
         Returns
         -------
@@ -94,12 +95,9 @@ class VAE(BaseImageModel):
                 "`add_to_obsm=True` embeds every row; drop `indices` or write the result yourself."
             )
             raise ValueError(msg)
+        self._check_if_trained(warn=True)
         self.module.eval()
-        latent = [
-            self.module.inference(tensors["X"])["qz"].loc.float().cpu()
-            for tensors in self._iterate(adata, indices, batch_size)
-        ]
-        values = torch.cat(latent).numpy()
+        values = super().get_latent_representation(adata, indices, batch_size=batch_size, **kwargs)
         if add_to_obsm:
             self._write_obsm(self.adata if adata is None else adata, OBSM.vae, values)
         return values

@@ -1,7 +1,14 @@
-"""Tensor-level modules: inference, generative model and loss of each model."""
+"""Tensor-level modules (scvi-tools ``BaseModuleClass``): tensors in, ``LossOutput`` out."""
 
-from ._mcvae import GaussianImageLikelihood, MultiContrastiveVAE
+from ._base import BaseImageVAE, GaussianImageLikelihood
+from ._mcvae import MultiContrastiveVAE
 from ._transform import CropTransform
 from ._vae import ImageVAE
 
-__all__ = ["CropTransform", "GaussianImageLikelihood", "ImageVAE", "MultiContrastiveVAE"]
+__all__ = [
+    "BaseImageVAE",
+    "CropTransform",
+    "GaussianImageLikelihood",
+    "ImageVAE",
+    "MultiContrastiveVAE",
+]

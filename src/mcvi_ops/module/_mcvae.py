@@ -7,55 +7,19 @@ from typing import Literal
 
 import torch
 from scvi import REGISTRY_KEYS
-import torch.nn.functional as F
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from mcvi_ops._constants import CONTROL_CODE, PERTURBATION_KEY
-from mcvi_ops.nn import ConvDecoder, ConvEncoder
+from mcvi_ops._constants import PERTURBATION_KEY
+from mcvi_ops.nn import ConvEncoder
 
-from ._transform import CropTransform
+from ._base import BaseImageVAE, is_control
 
 PriorKind = Literal["both", "salient", "background", "none"]
 
 
-def decoder_input(
-    latents: list[torch.Tensor], batch_index: torch.Tensor | None, n_batch: int
-) -> torch.Tensor:
-    """Concatenate latent codes and, when ``n_batch > 0``, the one-hot batch covariate."""
-    parts = list(latents)
-    if n_batch > 0:
-        if batch_index is None:
-            msg = "This module was built with a batch covariate; pass `batch_index`."
-            raise ValueError(msg)
-        one_hot = F.one_hot(batch_index.reshape(-1).long(), n_batch).to(parts[0].dtype)
-        parts.append(one_hot.expand(*parts[0].shape[:-1], n_batch))
-    return torch.cat(parts, dim=-1)
-
-
-class GaussianImageLikelihood(nn.Module):
-    """Per-pixel Gaussian with a learned per-channel scale, bounded below by ``min_scale``."""
-
-    def __init__(self, n_channels: int, *, scale_init: float, min_scale: float) -> None:
-        super().__init__()
-        self.min_scale = float(min_scale)
-        offset = max(scale_init - min_scale, 1e-4)
-        self.raw_scale = nn.Parameter(
-            torch.full((n_channels, 1, 1), float(torch.log(torch.expm1(torch.tensor(offset)))))
-        )
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """Per-channel standard deviation, shape (C, 1, 1)."""
-        return F.softplus(self.raw_scale) + self.min_scale
-
-    def forward(self, mean: torch.Tensor) -> Normal:
-        """The likelihood ``p(x | mean)``."""
-        return Normal(mean, self.scale.to(mean.dtype).expand_as(mean))
-
-
-class MultiContrastiveVAE(BaseModuleClass):
+class MultiContrastiveVAE(BaseImageVAE):
     """Multi-Contrastive VAE for image crops of perturbed and control cells.
 
     Two convolutional encoders give the background latent ``z`` and the salient latent ``s``; one
@@ -119,30 +83,27 @@ class MultiContrastiveVAE(BaseModuleClass):
         salient_encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.n_channels = n_channels
-        self.crop_size = tuple(int(s) for s in crop_size)
+        super().__init__(
+            n_channels,
+            crop_size,
+            n_background_latent + n_salient_latent,
+            n_batch=n_batch,
+            decoder_filters=decoder_filters,
+            likelihood_scale=likelihood_scale,
+            min_likelihood_scale=min_likelihood_scale,
+            arcsinh_cofactor=arcsinh_cofactor,
+            decoder=decoder,
+        )
         self.n_perturbations = n_perturbations
-        self.n_batch = n_batch
         self.n_salient_latent = n_salient_latent
         self.n_background_latent = n_background_latent
         self.prior = prior
         self.wasserstein_penalty = wasserstein_penalty
-        self.transform = CropTransform(n_channels, cofactor=arcsinh_cofactor)
         self.background_encoder = background_encoder or ConvEncoder(
             n_channels, n_background_latent, crop_size=self.crop_size, n_filters=encoder_filters
         )
         self.salient_encoder = salient_encoder or ConvEncoder(
             n_channels, n_salient_latent, crop_size=self.crop_size, n_filters=encoder_filters
-        )
-        self.decoder = decoder or ConvDecoder(
-            n_background_latent + n_salient_latent + n_batch,
-            n_channels,
-            crop_size=self.crop_size,
-            n_filters=decoder_filters,
-        )
-        self.likelihood = GaussianImageLikelihood(
-            n_channels, scale_init=likelihood_scale, min_scale=min_likelihood_scale
         )
         # learned prior means; row 0 (controls) of the background table is masked to 0
         self.background_prior_mean = (
@@ -163,7 +124,7 @@ class MultiContrastiveVAE(BaseModuleClass):
     def prior_means(self, perturbation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prior means of ``z`` and ``s`` for perturbation codes of shape (B,) or (B, 1)."""
         codes = perturbation.reshape(-1).long()
-        perturbed = (codes != CONTROL_CODE).unsqueeze(-1).float()
+        perturbed = (~is_control(codes)).unsqueeze(-1).float()
         shape_z = (codes.shape[0], self.n_background_latent)
         shape_s = (codes.shape[0], self.n_salient_latent)
         device = codes.device
@@ -189,7 +150,7 @@ class MultiContrastiveVAE(BaseModuleClass):
         return {
             "z": inference_outputs["z"],
             "s": inference_outputs["s"],
-            "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY),
+            "batch_index": self._batch_index(tensors),
         }
 
     @auto_move_data
@@ -204,7 +165,7 @@ class MultiContrastiveVAE(BaseModuleClass):
             z, s = qz.rsample((n_samples,)), qs.rsample((n_samples,))
         else:
             z, s = qz.rsample(), qs.rsample()
-        perturbed = (perturbation.reshape(-1) != CONTROL_CODE).unsqueeze(-1).to(s.dtype)
+        perturbed = (~is_control(perturbation)).unsqueeze(-1).to(s.dtype)
         return {"qz": qz, "qs": qs, "z": z, "s": s * perturbed, "x_transformed": x_transformed}
 
     @auto_move_data
@@ -212,12 +173,7 @@ class MultiContrastiveVAE(BaseModuleClass):
         self, z: torch.Tensor, s: torch.Tensor, batch_index: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | Normal]:
         """The likelihood of the (transformed) crop given ``z`` and ``s``."""
-        latent = decoder_input([z, s], batch_index, self.n_batch)
-        lead = latent.shape[:-1]
-        # float32 likelihood under mixed precision: it sums over every pixel of the crop
-        mean = self.decoder(latent.reshape(-1, latent.shape[-1])).float()
-        mean = mean.reshape(*lead, *mean.shape[1:])
-        return {"px": self.likelihood(mean), "px_mean": mean}
+        return self._decode([z, s], batch_index)
 
     def loss(
         self,
@@ -230,34 +186,35 @@ class MultiContrastiveVAE(BaseModuleClass):
         x = inference_outputs["x_transformed"]
         qz, qs = inference_outputs["qz"], inference_outputs["qs"]
         perturbation = tensors[PERTURBATION_KEY].reshape(-1)
-        is_control = (perturbation == CONTROL_CODE).float()
-        reconstruction = -generative_outputs["px"].log_prob(x).sum(dim=(-3, -2, -1))
+        control = is_control(perturbation).float()
+        reconstruction = self._reconstruction_loss(generative_outputs["px"], x)
         mean_z, mean_s = self.prior_means(perturbation)
         kl_z = kl_divergence(qz, Normal(mean_z, torch.ones_like(mean_z))).sum(-1)
         kl_s = kl_divergence(qs, Normal(mean_s, torch.ones_like(mean_s))).sum(-1)
-        kl_s = kl_s * (1.0 - is_control)
-        wasserstein = (qs.loc.pow(2) + qs.scale.pow(2)).sum(-1) * is_control
+        kl_s = kl_s * (1.0 - control)
+        wasserstein = (qs.loc.pow(2) + qs.scale.pow(2)).sum(-1) * control
         loss = torch.mean(
             reconstruction + kl_weight * (kl_z + kl_s) + self.wasserstein_penalty * wasserstein
         )
-        n_control = is_control.sum().clamp(min=1.0)
+        n_control = control.sum().clamp(min=1.0)
         return LossOutput(
             loss=loss,
             reconstruction_loss=reconstruction,
             kl_local={"kl_background": kl_z, "kl_salient": kl_s},
             extra_metrics={
                 "wasserstein_control": wasserstein.sum() / n_control,
-                "likelihood_scale": self.likelihood.scale.mean().detach(),
+                **self._likelihood_metrics(),
             },
         )
 
     @torch.inference_mode()
     def reconstruct(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decode posterior means (controls with ``s = 0``), on the [-1, 1] scale."""
-        out = self.inference(tensors[REGISTRY_KEYS.X_KEY], tensors[PERTURBATION_KEY])
-        perturbed = (tensors[PERTURBATION_KEY].reshape(-1) != CONTROL_CODE).unsqueeze(-1)
-        s = out["qs"].loc * perturbed.to(device=out["qs"].loc.device, dtype=out["qs"].loc.dtype)
-        return self.generative(out["qz"].loc, s, tensors.get(REGISTRY_KEYS.BATCH_KEY))["px_mean"]
+        out = self.inference(**self._get_inference_input(tensors))
+        qs_mean = out["qs"].loc
+        perturbed = ~is_control(tensors[PERTURBATION_KEY].to(qs_mean.device))
+        s = qs_mean * perturbed.unsqueeze(-1).to(qs_mean.dtype)
+        return self.generative(out["qz"].loc, s, self._batch_index(tensors))["px_mean"]
 
     @torch.inference_mode()
     def sample(
@@ -279,6 +236,6 @@ class MultiContrastiveVAE(BaseModuleClass):
         else:
             z = Normal(mean_z, 1.0).sample((n_samples,))
             s = Normal(mean_s, 1.0).sample((n_samples,))
-        perturbed = (perturbation.reshape(-1).to(self.device) != CONTROL_CODE).unsqueeze(-1)
-        s = s * perturbed.to(s.dtype)
+        perturbed = ~is_control(perturbation.to(self.device))
+        s = s * perturbed.unsqueeze(-1).to(s.dtype)
         return self.generative(z, s, batch_index)["px_mean"]

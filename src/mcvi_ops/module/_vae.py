@@ -6,17 +6,16 @@ from collections.abc import Sequence
 
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from mcvi_ops.nn import ConvDecoder, ConvEncoder
+from mcvi_ops.nn import ConvEncoder
 
-from ._mcvae import GaussianImageLikelihood, decoder_input
-from ._transform import CropTransform
+from ._base import BaseImageVAE
 
 
-class ImageVAE(BaseModuleClass):
+class ImageVAE(BaseImageVAE):
     """A standard VAE on crops: ``q(z | x)``, ``p(z) = N(0, I)``, Gaussian pixel likelihood.
 
     Parameters
@@ -50,27 +49,27 @@ class ImageVAE(BaseModuleClass):
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        self.n_channels = n_channels
-        self.crop_size = tuple(int(s) for s in crop_size)
-        self.n_batch = n_batch
+        super().__init__(
+            n_channels,
+            crop_size,
+            n_latent,
+            n_batch=n_batch,
+            decoder_filters=decoder_filters,
+            likelihood_scale=likelihood_scale,
+            min_likelihood_scale=min_likelihood_scale,
+            arcsinh_cofactor=arcsinh_cofactor,
+            decoder=decoder,
+        )
         self.n_latent = n_latent
-        self.transform = CropTransform(n_channels, cofactor=arcsinh_cofactor)
         self.encoder = encoder or ConvEncoder(
             n_channels, n_latent, crop_size=self.crop_size, n_filters=encoder_filters
-        )
-        self.decoder = decoder or ConvDecoder(
-            n_latent + n_batch, n_channels, crop_size=self.crop_size, n_filters=decoder_filters
-        )
-        self.likelihood = GaussianImageLikelihood(
-            n_channels, scale_init=likelihood_scale, min_scale=min_likelihood_scale
         )
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"x": tensors[REGISTRY_KEYS.X_KEY]}
 
     def _get_generative_input(self, tensors: dict[str, torch.Tensor], inference_outputs: dict):
-        return {"z": inference_outputs["z"], "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY)}
+        return {"z": inference_outputs["z"], "batch_index": self._batch_index(tensors)}
 
     @auto_move_data
     def inference(self, x: torch.Tensor, n_samples: int = 1) -> dict[str, torch.Tensor | Normal]:
@@ -83,10 +82,7 @@ class ImageVAE(BaseModuleClass):
     @auto_move_data
     def generative(self, z: torch.Tensor, batch_index: torch.Tensor | None = None) -> dict:
         """The likelihood of the (transformed) crop given ``z``."""
-        latent = decoder_input([z], batch_index, self.n_batch)
-        mean = self.decoder(latent.reshape(-1, latent.shape[-1])).float()
-        mean = mean.reshape(*latent.shape[:-1], *mean.shape[1:])
-        return {"px": self.likelihood(mean), "px_mean": mean}
+        return self._decode([z], batch_index)
 
     def loss(
         self,
@@ -98,21 +94,21 @@ class ImageVAE(BaseModuleClass):
         """Negative ELBO with KL warm-up."""
         x = inference_outputs["x_transformed"]
         qz = inference_outputs["qz"]
-        reconstruction = -generative_outputs["px"].log_prob(x).sum(dim=(-3, -2, -1))
+        reconstruction = self._reconstruction_loss(generative_outputs["px"], x)
         kl_z = kl_divergence(qz, Normal(torch.zeros_like(qz.loc), 1.0)).sum(-1)
         loss = torch.mean(reconstruction + kl_weight * kl_z)
         return LossOutput(
             loss=loss,
             reconstruction_loss=reconstruction,
             kl_local=kl_z,
-            extra_metrics={"likelihood_scale": self.likelihood.scale.mean().detach()},
+            extra_metrics=self._likelihood_metrics(),
         )
 
     @torch.inference_mode()
     def reconstruct(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decode posterior means, on the [-1, 1] scale."""
-        qz = self.inference(tensors[REGISTRY_KEYS.X_KEY])["qz"]
-        return self.generative(qz.loc, tensors.get(REGISTRY_KEYS.BATCH_KEY))["px_mean"]
+        qz = self.inference(**self._get_inference_input(tensors))["qz"]
+        return self.generative(qz.loc, self._batch_index(tensors))["px_mean"]
 
     @torch.inference_mode()
     def sample(

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
-import sys
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -18,17 +14,18 @@ from anndata import AnnData
 
 from mcvi_ops._constants import UNS
 from mcvi_ops.data import link_crops, open_crops
-from mcvi_ops.io._tables import Preset, as_cell_table, resolve_columns
+from mcvi_ops.data._store import check_channel_names
+from mcvi_ops.io._images import ChannelAxis, MissingTileError
+from mcvi_ops.io._tables import Preset, as_cell_table, resolve_columns, unique_cell_ids
 
 from ._align import _check_percentiles
+from ._parallel import DaskPool, LocalPool, run_parallel, run_serial
 from ._resume import RunFolder, table_fingerprint
 from ._tiles import (
-    ChannelAxis,
-    MissingTileError,
     TileResult,
     TileTask,
-    process_tile,
     resolve_sources,
+    source_fingerprint,
     tile_label,
 )
 
@@ -48,7 +45,7 @@ def _check_params(
     channel_axis: ChannelAxis,
     reference_channel: int | str,
     dtype: Any,
-    on_missing_tile: str,
+    options: dict[str, tuple[str, tuple[str, ...]]],
 ) -> tuple[int, int, np.dtype]:
     if int(crop_size) != crop_size or crop_size < 2:
         msg = f"crop_size must be an integer >= 2 pixels, got {crop_size!r} (e.g. crop_size=100)."
@@ -61,8 +58,8 @@ def _check_params(
     elif int(edge_margin) != edge_margin or edge_margin < 0:
         msg = f"edge_margin must be a non-negative integer or None, got {edge_margin!r}."
         raise ValueError(msg)
-    names = list(channel_names)
-    if isinstance(channel_names, str) or not names:
+    names = check_channel_names(channel_names)
+    if not names:
         msg = f"channel_names must be a list of names, one per channel, got {channel_names!r}."
         raise ValueError(msg)
     if channel_axis not in ("first", "last") and not isinstance(channel_axis, int):
@@ -86,9 +83,10 @@ def _check_params(
     if dtype not in (np.dtype("uint16"), np.dtype("float32")):
         msg = f"dtype must be 'uint16' or 'float32', got {dtype}."
         raise ValueError(msg)
-    if on_missing_tile not in ("raise", "skip"):
-        msg = f"on_missing_tile must be 'raise' or 'skip', got {on_missing_tile!r}."
-        raise ValueError(msg)
+    for name, (value, allowed) in options.items():
+        if value not in allowed:
+            msg = f"{name} must be one of {list(allowed)}, got {value!r}."
+            raise ValueError(msg)
     return int(edge_margin), reference, dtype
 
 
@@ -97,33 +95,6 @@ def _n_workers(n_jobs: int) -> int:
         msg = "n_jobs must be a positive number of processes, or -1 for all cores; got 0."
         raise ValueError(msg)
     return max(1, (os.cpu_count() or 1) + 1 + n_jobs) if n_jobs < 0 else int(n_jobs)
-
-
-def _results(tasks: list[TileTask], n_jobs: int, start_method: str | None) -> Iterator[TileResult]:
-    """Yield tile results in task order, at most ``2 * n_jobs`` tiles in flight."""
-    if n_jobs == 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield process_tile(task)
-        return
-    if start_method is None:
-        start_method = "fork" if sys.platform.startswith("linux") else "spawn"
-    context = multiprocessing.get_context(start_method)
-    executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=context)
-    pending: deque[Future] = deque()
-    queue = iter(tasks)
-    try:
-        for task in queue:
-            pending.append(executor.submit(process_tile, task))
-            if len(pending) >= 2 * n_jobs:
-                break
-        while pending:
-            result = pending.popleft().result()
-            next_task = next(queue, None)
-            if next_task is not None:
-                pending.append(executor.submit(process_tile, next_task))
-            yield result
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _keep_mask(y: np.ndarray, x: np.ndarray, shape: Sequence[int], margin: int) -> np.ndarray:
@@ -153,10 +124,13 @@ def extract_crops(
     y_key: str | None = None,
     x_key: str | None = None,
     on_missing_tile: Literal["raise", "skip"] = "raise",
+    on_error: Literal["raise", "skip"] = "raise",
+    nonfinite: Literal["raise", "zero"] = "raise",
     dtype: Literal["uint16", "float32"] | np.dtype = "uint16",
     chunk_cells: int | None = None,
     pixel_size: float | None = None,
     n_jobs: int = 1,
+    client: Any = None,
     start_method: Literal["fork", "spawn", "forkserver"] | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -173,7 +147,14 @@ def extract_crops(
     ``cells.h5ad`` (the returned AnnData) and ``extract_log.jsonl`` (the run log). Tiles are
     processed in sorted tile-key order and cells in table order within a tile. Each finished tile
     is committed to the log, so rerunning the same call after a crash skips the finished tiles
-    and ends with the same store and AnnData as an uninterrupted run.
+    and ends with the same store and AnnData as an uninterrupted run; a tile image that changed
+    since it was cropped (file size or modification time, or the content of an array) is
+    cropped again, with every later tile. The store is locked while the run writes it, so a
+    second run on the same folder stops with an error instead of deleting it.
+
+    With ``n_jobs > 1`` or a Dask ``client``, workers crop tiles and also compress and write the
+    store's chunks, so the main process does no pixel work; the store is byte-for-byte the one a
+    single process writes (apart from its random ``store_id``).
 
     Parameters
     ----------
@@ -233,6 +214,15 @@ def extract_crops(
     on_missing_tile
         ``"raise"`` stops with an error naming the tiles without an image; ``"skip"`` drops their
         cells and counts them in ``n_dropped_missing_tile``.
+    on_error
+        A tile image file that exists but cannot be read (corrupt or truncated): ``"raise"``
+        stops with an error naming the file; ``"skip"`` logs it, drops its cells and counts them
+        in ``n_dropped_unreadable_tile``.
+    nonfinite
+        NaN or infinite pixels in a (float) tile: ``"raise"`` stops with an error naming the
+        tile and the cells whose crops hold them; ``"zero"`` sets them to 0 before alignment and
+        clipping (where they would spread) and counts them in ``n_nonfinite_values`` /
+        ``n_nonfinite_cells`` and the store attribute ``nonfinite``.
     dtype
         Pixel type of the crops: ``"uint16"`` (tiles must hold integers) or ``"float32"``.
     chunk_cells
@@ -241,6 +231,10 @@ def extract_crops(
         Pixel size in micrometres (of the crops, after any resize), stored with the crops.
     n_jobs
         Number of worker processes, each holding one tile at a time; -1 uses every core.
+    client
+        A :class:`distributed.Client`: crop tiles and write chunks on its workers instead of
+        local processes (``n_jobs`` must then stay 1). The workers must see ``out`` and the tile
+        images at the same paths (a shared file system), and tile loaders must be picklable.
     start_method
         Multiprocessing start method for ``n_jobs > 1``: ``"fork"`` on Linux by default (fast),
         ``"spawn"`` elsewhere.
@@ -259,9 +253,16 @@ def extract_crops(
     ``.uns["crops"]``
         The link to ``out/crops.zarr`` (see :func:`~mcvi_ops.data.link_crops`).
     ``.uns["extract_crops"]``
-        The parameters, resolved columns, counts ``n_cells_in``, ``n_dropped_nan`` (NaN centroid
-        or tile key), ``n_dropped_missing_tile``, ``n_dropped_edge``, ``n_kept``, and per tile
-        ``tile_labels``, ``tile_shapes`` and the applied channel ``shifts`` (rows, columns).
+        The parameters, resolved columns, counts ``n_cells_in``, ``n_dropped_nan`` (NaN
+        centroid), ``n_dropped_missing_tile``, ``n_dropped_unreadable_tile``,
+        ``n_dropped_edge``, ``n_kept``, ``n_nonfinite_values``, ``n_nonfinite_cells``, and per
+        tile ``tile_labels``, ``tile_shapes``, the applied channel ``shifts`` (rows, columns)
+        and ``unreadable_tiles`` (label and error of each skipped tile).
+
+    Cell ids (the obs names) are the table's index as strings; duplicate ids are kept and made
+    unique with a suffix (``-1``, ``-2``) and a warning. A NaN tile key is an error naming the
+    rows; a tile path template filled with a value that leaves the template's folder (``..``
+    or an absolute path) is an error naming the row.
 
     Examples
     --------
@@ -286,13 +287,21 @@ def extract_crops(
         channel_axis,
         reference_channel,
         dtype,
-        on_missing_tile,
+        {
+            "on_missing_tile": (on_missing_tile, ("raise", "skip")),
+            "on_error": (on_error, ("raise", "skip")),
+            "nonfinite": (nonfinite, ("raise", "zero")),
+        },
     )
     if clip_percentiles is not None:
         clip_percentiles = _check_percentiles(clip_percentiles)
+    if client is not None and n_jobs != 1:
+        msg = f"Pass either n_jobs (local processes) or client (a Dask cluster), got n_jobs={n_jobs}."
+        raise ValueError(msg)
     names = [str(n) for n in channel_names]
     workers = _n_workers(n_jobs)
     table = as_cell_table(cells)
+    cell_ids = unique_cell_ids(table.index, what="The cell table")
     single = isinstance(tiles, np.ndarray) or _single_image(tiles)
     columns = resolve_columns(
         table, preset=preset, tile_key=tile_key, y_key=y_key, x_key=x_key, need_tile_key=not single
@@ -302,14 +311,21 @@ def extract_crops(
     # --- group cells by tile ---------------------------------------------------------------
     y_all = pd.to_numeric(table[columns.y_key], errors="coerce").to_numpy(np.float64)
     x_all = pd.to_numeric(table[columns.x_key], errors="coerce").to_numpy(np.float64)
-    valid = np.isfinite(y_all) & np.isfinite(x_all)
     if key_cols:
-        valid &= table[key_cols].notna().all(axis=1).to_numpy()
+        no_key = table[key_cols].isna().any(axis=1).to_numpy()
+        if no_key.any():
+            msg = (
+                f"{int(no_key.sum())} cells have no tile key (NaN in {key_cols}), e.g. rows "
+                f"{list(cell_ids[no_key][:5])}. Fill in their tile, or drop them from the table."
+            )
+            raise ValueError(msg)
+    valid = np.isfinite(y_all) & np.isfinite(x_all)
     n_nan = int((~valid).sum())
     if n_nan:
-        bad = table.index[~valid][:5].tolist()
         logger.warning(
-            "Dropping %d cells with a missing (NaN) centroid or tile key, e.g. rows %s.", n_nan, bad
+            "Dropping %d cells with a missing (NaN) centroid, e.g. rows %s.",
+            n_nan,
+            list(cell_ids[~valid][:5]),
         )
     valid_positions = np.flatnonzero(valid)
     if key_cols:
@@ -319,7 +335,8 @@ def extract_crops(
     else:
         keys, group_positions = [None], [valid_positions]
     labels = [tile_label(key_cols, k) for k in keys]
-    sources, how = resolve_sources(tiles, key_cols, keys)
+    first_rows = [cell_ids[g[0]] if len(g) else None for g in group_positions]
+    sources, how = resolve_sources(tiles, key_cols, keys, rows=first_rows)
     if on_missing_tile == "raise" and how != "callable":
         missing = [lab for lab, src in zip(labels, sources, strict=True) if src is None]
         if missing:
@@ -346,63 +363,122 @@ def extract_crops(
         "x_key": columns.x_key,
         "preset": columns.preset,
         "on_missing_tile": on_missing_tile,
+        "on_error": on_error,
+        "nonfinite": nonfinite,
     }
     fingerprint = table_fingerprint(table, [*key_cols, columns.y_key, columns.x_key])
     run = RunFolder(
         out, {"params": params, "table": fingerprint, "tiles": labels}, overwrite=overwrite
     )
-    out_size = params["resize_to"] or params["crop_size"]
-    array = run.open_store(
-        n_channels=len(names),
-        crop_size=out_size,
-        channel_names=names,
-        dtype=out_dtype,
-        chunk_cells=chunk_cells,
-        pixel_size=pixel_size,
-    )
-    done = len(run.records)
-    worker_params = {**params, "n_channels": len(names), "dtype": str(out_dtype)}
-    tasks = [
-        TileTask(
-            index=i,
-            label=labels[i],
-            key=keys[i],
-            source=sources[i],
-            positions=group_positions[i],
-            y=y_all[group_positions[i]],
-            x=x_all[group_positions[i]],
-            params=worker_params,
-        )
-        for i in range(done, len(keys))
-    ]
+    try:
+        _redo_changed_tiles(run, sources, labels)
+        if len(run.records) < len(keys) or not run.store_complete():
+            layout = {
+                "n_channels": len(names),
+                "crop_size": params["resize_to"] or params["crop_size"],
+                "channel_names": names,
+                "dtype": out_dtype,
+                "chunk_cells": chunk_cells,
+                "pixel_size": pixel_size,
+                "nonfinite": nonfinite,
+            }
+            worker_params = {**params, "n_channels": len(names), "dtype": str(out_dtype)}
+            tasks = [
+                TileTask(
+                    index=i,
+                    label=labels[i],
+                    key=keys[i],
+                    source=sources[i],
+                    positions=group_positions[i],
+                    y=y_all[group_positions[i]],
+                    x=x_all[group_positions[i]],
+                    cell_ids=list(cell_ids[group_positions[i]]),
+                    params=worker_params,
+                )
+                for i in range(len(run.records), len(keys))
+            ]
+            pool = (client, workers, start_method)
+            _crop_tiles(tasks, run, layout, labels, on_missing_tile, pool, progress)
+        return _finish(run, table, cell_ids, group_positions, y_all, x_all, labels, params, n_nan)
+    finally:
+        run.release()
+
+
+def _crop_tiles(
+    tasks: list[TileTask],
+    run: RunFolder,
+    layout: dict[str, Any],
+    labels: list[str],
+    on_missing_tile: str,
+    pool_spec: tuple[Any, int, str | None],
+    progress: bool,
+) -> None:
+    """Crop the remaining tiles into the store, in this process or on workers."""
     from tqdm.auto import tqdm
 
-    with tqdm(
-        total=len(keys), initial=done, unit="tile", desc="Cropping", disable=not progress
-    ) as bar:
-        for result in _results(tasks, workers, start_method):
-            label = labels[result.index]
-            if result.missing and on_missing_tile == "raise":
-                msg = (
-                    f"No image for tile {label}: the tile loader raised KeyError/"
-                    "FileNotFoundError or returned None. Provide the image, or pass "
-                    f"on_missing_tile='skip' to drop its {len(group_positions[result.index])} "
-                    "cells. Finished tiles are kept; rerun to resume."
+    client, workers, start_method = pool_spec
+    writer = run.open_writer(**layout)
+    n_cells = {task.index: len(task.positions) for task in tasks}
+
+    def on_result(result: TileResult) -> dict[str, Any]:
+        label = labels[result.index]
+        if result.missing and on_missing_tile == "raise":
+            msg = (
+                f"No image for tile {label}: the tile loader raised KeyError/"
+                "FileNotFoundError or returned None. Provide the image, or pass "
+                f"on_missing_tile='skip' to drop its {n_cells[result.index]} cells. Finished "
+                "tiles are kept; rerun to resume."
+            )
+            raise MissingTileError(msg)
+        if result.missing:
+            logger.warning("No image for tile %s; dropping its cells.", label)
+        writer.add_nonfinite_counts(*result.nonfinite)
+        return {
+            "label": label,
+            "missing": result.missing,
+            "unreadable": result.unreadable,
+            "tile_shape": result.tile_shape,
+            "n_kept": result.n_crops,
+            "n_dropped_edge": result.n_dropped_edge,
+            "shifts": result.shifts,
+            "nonfinite": list(result.nonfinite),
+            "source": result.fingerprint,
+        }
+
+    done = len(run.records)
+    try:
+        with tqdm(
+            total=done + len(tasks),
+            initial=done,
+            unit="tile",
+            desc="Cropping",
+            disable=not progress,
+        ) as bar:
+            if client is None and (workers == 1 or len(tasks) <= 1):
+                run_serial(tasks, run=run, writer=writer, on_result=on_result, bar=bar)
+                writer.close()
+            else:
+                pool = DaskPool(client) if client is not None else LocalPool(workers, start_method)
+                total = run_parallel(
+                    tasks, pool=pool, run=run, writer=writer, on_result=on_result, bar=bar
                 )
-                raise MissingTileError(msg)
-            if result.missing:
-                logger.warning("No image for tile %s; dropping its cells.", label)
-            record = {
-                "label": label,
-                "missing": result.missing,
-                "tile_shape": result.tile_shape,
-                "n_kept": len(result.kept),
-                "n_dropped_edge": result.n_dropped_edge,
-                "shifts": result.shifts,
-            }
-            run.commit(array, result.crops, record)
-            bar.update(1)
-    return _finish(run, table, group_positions, y_all, x_all, labels, params, n_nan)
+                writer.close(n_cells=total)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _redo_changed_tiles(run: RunFolder, sources: list[Any], labels: list[str]) -> None:
+    """Crop again, from the first one on, tiles whose image changed since they were committed."""
+    for i, record in enumerate(run.records):
+        before = record.get("source")
+        now = source_fingerprint(sources[i]) if before is not None else None
+        if before is not None and now is not None and now != before:
+            what = "appeared" if before.get("missing") else "changed"
+            run.rollback(
+                i, f"The image of tile {labels[i]} {what} since it was cropped ({before} -> {now})"
+            )
+            return
 
 
 def _single_image(tiles: Any) -> bool:

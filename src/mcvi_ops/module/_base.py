@@ -1,0 +1,137 @@
+"""What the image VAE modules share: input transform, decoder, pixel likelihood, control mask."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.module.base import BaseModuleClass
+from torch import nn
+from torch.distributions import Normal
+
+from mcvi_ops._constants import CONTROL_CODE
+from mcvi_ops.nn import ConvDecoder
+
+from ._transform import CropTransform
+
+
+def is_control(perturbation: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of control cells, shape (B,), from perturbation codes of shape (B,) or (B, 1)."""
+    return perturbation.reshape(-1) == CONTROL_CODE
+
+
+def decoder_input(
+    latents: list[torch.Tensor], batch_index: torch.Tensor | None, n_batch: int
+) -> torch.Tensor:
+    """Concatenate latent codes and, when ``n_batch > 0``, the one-hot batch covariate."""
+    parts = list(latents)
+    if n_batch > 0:
+        if batch_index is None:
+            msg = "This module was built with a batch covariate; pass `batch_index`."
+            raise ValueError(msg)
+        one_hot = F.one_hot(batch_index.reshape(-1).long(), n_batch).to(parts[0].dtype)
+        parts.append(one_hot.expand(*parts[0].shape[:-1], n_batch))
+    return torch.cat(parts, dim=-1)
+
+
+class GaussianImageLikelihood(nn.Module):
+    """Per-pixel Gaussian with a learned per-channel scale, bounded below by ``min_scale``."""
+
+    def __init__(self, n_channels: int, *, scale_init: float, min_scale: float) -> None:
+        super().__init__()
+        self.min_scale = float(min_scale)
+        offset = max(scale_init - min_scale, 1e-4)
+        self.raw_scale = nn.Parameter(
+            torch.full((n_channels, 1, 1), float(torch.log(torch.expm1(torch.tensor(offset)))))
+        )
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Per-channel standard deviation, shape (C, 1, 1)."""
+        return F.softplus(self.raw_scale) + self.min_scale
+
+    def forward(self, mean: torch.Tensor) -> Normal:
+        """The likelihood ``p(x | mean)``."""
+        return Normal(mean, self.scale.to(mean.dtype).expand_as(mean))
+
+
+class BaseImageVAE(BaseModuleClass):
+    """Base of the image VAE modules: transform, decoder, likelihood and reconstruction term.
+
+    Subclasses add their encoders and priors and implement ``inference``, ``loss`` and
+    ``reconstruct``.
+
+    Parameters
+    ----------
+    n_channels
+        Channels of the crops.
+    crop_size
+        Height and width of the crops.
+    n_latent_decoded
+        Width of the latent code the decoder reads (without the batch covariate).
+    n_batch
+        Number of batch categories fed to the decoder (0: none).
+    decoder_filters
+        Channels of the five decoder transposed convolutions.
+    likelihood_scale
+        Initial per-pixel standard deviation of the Gaussian likelihood (on the [-1, 1] scale).
+    min_likelihood_scale
+        Lower bound on that standard deviation.
+    arcsinh_cofactor
+        Cofactor of the arcsinh input transform.
+    decoder
+        Network to use instead of the default :class:`~mcvi_ops.nn.ConvDecoder`.
+    """
+
+    def __init__(
+        self,
+        n_channels: int,
+        crop_size: tuple[int, int],
+        n_latent_decoded: int,
+        *,
+        n_batch: int = 0,
+        decoder_filters: Sequence[int] = (128, 128, 64, 32, 16),
+        likelihood_scale: float = 0.1,
+        min_likelihood_scale: float = 0.02,
+        arcsinh_cofactor: float = 1.0,
+        decoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_channels = n_channels
+        self.crop_size = tuple(int(s) for s in crop_size)
+        self.n_batch = n_batch
+        self.transform = CropTransform(n_channels, cofactor=arcsinh_cofactor)
+        self.decoder = decoder or ConvDecoder(
+            n_latent_decoded + n_batch,
+            n_channels,
+            crop_size=self.crop_size,
+            n_filters=decoder_filters,
+        )
+        self.likelihood = GaussianImageLikelihood(
+            n_channels, scale_init=likelihood_scale, min_scale=min_likelihood_scale
+        )
+
+    @staticmethod
+    def _batch_index(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return tensors.get(REGISTRY_KEYS.BATCH_KEY)
+
+    def _decode(
+        self, latents: list[torch.Tensor], batch_index: torch.Tensor | None
+    ) -> dict[str, torch.Tensor | Normal]:
+        """The likelihood of the (transformed) crop given latent codes (any leading dims)."""
+        latent = decoder_input(latents, batch_index, self.n_batch)
+        lead = latent.shape[:-1]
+        # float32 likelihood under mixed precision: it sums over every pixel of the crop
+        mean = self.decoder(latent.reshape(-1, latent.shape[-1])).float()
+        mean = mean.reshape(*lead, *mean.shape[1:])
+        return {"px": self.likelihood(mean), "px_mean": mean}
+
+    @staticmethod
+    def _reconstruction_loss(px: Normal, x_transformed: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of each crop, summed over its pixels: shape (B,)."""
+        return -px.log_prob(x_transformed).sum(dim=(-3, -2, -1))
+
+    def _likelihood_metrics(self) -> dict[str, torch.Tensor]:
+        return {"likelihood_scale": self.likelihood.scale.mean().detach()}
