@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
+from scvi.data import AnnDataManager, AnnTorchDataset
 from torch.utils.data import DataLoader, Dataset
 
 from mcvi_ops._constants import CROP_INDEX_KEY
@@ -36,6 +36,14 @@ def _image_uns_key(adata_manager: AnnDataManager, image_key: str) -> str:
         f"`ImageField({image_key!r})` in `setup_anndata`, or pass the right `image_key=`."
     )
     raise KeyError(msg)
+
+
+def _field_dtype(adata_manager: AnnDataManager, key: str) -> type:
+    """int64 for integer codes (categories), float32 for everything else."""
+    sample = np.asarray(adata_manager.get_from_registry(key)[:1])
+    return (
+        np.int64 if np.issubdtype(sample.dtype, np.integer) or sample.dtype == bool else np.float32
+    )
 
 
 def _is_in_memory(url: str) -> bool:
@@ -117,18 +125,14 @@ class CropDataset(Dataset):
         self.crop_indices = (
             np.asarray(adata_manager.get_from_registry(image_key)).reshape(-1).astype(np.int64)
         )
-        self.fields: dict[str, np.ndarray] = {}
-        for key in adata_manager.data_registry:
-            if key in (image_key, X_KEY, CROP_INDEX_KEY):
-                continue
-            values = np.asarray(adata_manager.get_from_registry(key))
-            if values.ndim == 1:
-                values = values.reshape(-1, 1)
-            if np.issubdtype(values.dtype, np.integer) or values.dtype == bool:
-                values = values.astype(np.int64)
-            else:
-                values = values.astype(np.float32)
-            self.fields[key] = values
+        # scvi-tools' dataset reads and casts the registered fields (integer codes as int64);
+        # they are read once and kept as arrays, so workers receive arrays and not the AnnData
+        keys = [key for key in adata_manager.data_registry if key not in (image_key, X_KEY)]
+        dtypes = {key: _field_dtype(adata_manager, key) for key in keys}
+        table = AnnTorchDataset(adata_manager, getitem_tensors=dtypes)[np.arange(len(self))]
+        self.fields: dict[str, np.ndarray] = {
+            key: values.reshape(len(values), -1) for key, values in table.items()
+        }
         self._store: CropStore | None = None
         self._pid: int | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
