@@ -96,3 +96,40 @@ def test_image_vae_loss():
     assert inference["qz"].loc.shape == (8, 7)
     assert loss.loss.ndim == 0
     assert module.sample(2).shape == (2, 2, 32, 32)
+
+
+def test_random_dihedral_gives_the_eight_orientations():
+    from mcvi_ops.module._base import random_dihedral
+
+    crop = torch.arange(16.0).reshape(1, 1, 4, 4)
+    seen = {tuple(random_dihedral(crop).reshape(-1).tolist()) for _ in range(400)}
+    expected = {
+        tuple(torch.rot90(c, k, dims=(-2, -1)).reshape(-1).tolist())
+        for c in (crop, crop.flip(-1))
+        for k in range(4)
+    }
+    assert seen == expected
+    tall = torch.arange(12.0).reshape(1, 1, 4, 3)
+    assert all(random_dihedral(tall).shape == tall.shape for _ in range(50))
+
+
+def test_augmentation_only_while_training():
+    module = MultiContrastiveVAE(2, (32, 32), 4)
+    batch = _batch()
+    module.eval()
+    inference = module.inference(**module._get_inference_input(batch))
+    torch.testing.assert_close(inference["x_transformed"], module.transform(batch["X"]))
+    module.train()
+    inference = module.inference(**module._get_inference_input(batch))
+    # the target is the augmented input: the same pixel values, rearranged
+    augmented = inference["x_transformed"]
+    assert not torch.equal(augmented, module.transform(batch["X"]))
+    torch.testing.assert_close(
+        augmented.flatten(1).sort(dim=1).values,
+        module.transform(batch["X"]).flatten(1).sort(dim=1).values,
+    )
+    plain = MultiContrastiveVAE(2, (32, 32), 4, augment=False).train()
+    torch.testing.assert_close(
+        plain.inference(**plain._get_inference_input(batch))["x_transformed"],
+        plain.transform(batch["X"]),
+    )

@@ -22,6 +22,30 @@ def is_control(perturbation: torch.Tensor) -> torch.Tensor:
     return perturbation.reshape(-1) == CONTROL_CODE
 
 
+def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rotate each crop of (B, C, H, W) by a random multiple of 90 degrees and flip it at random.
+
+    A cell's phenotype does not depend on its orientation in the crop; training on the eight
+    rotations and mirror images of each crop (input and reconstruction target alike) keeps the
+    latents from spending dimensions on orientation. Non-square crops only get the rotations and
+    flips that keep their shape (0 or 180 degrees).
+    """
+    n = x.shape[0]
+    device = x.device
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    square = x.shape[-1] == x.shape[-2]
+    turns = torch.randint(0, 4 if square else 3, (n,), device=device, generator=generator)
+    if not square:
+        turns = torch.where(turns == 1, torch.full_like(turns, 2), turns)  # 0, 2 (or 2) only
+    out = x.clone()
+    for k in (1, 2, 3):
+        rows = torch.nonzero(turns == k).reshape(-1)
+        if len(rows):
+            out[rows] = torch.rot90(x[rows], k, dims=(-2, -1))
+    return out
+
+
 def decoder_input(
     latents: list[torch.Tensor], batch_index: torch.Tensor | None, n_batch: int
 ) -> torch.Tensor:
@@ -83,6 +107,10 @@ class BaseImageVAE(BaseModuleClass):
         Cofactor of the arcsinh input transform.
     decoder
         Network to use instead of the default :class:`~mcvi_ops.nn.ConvDecoder`.
+    augment
+        During training, show each crop in a random one of its eight orientations (rotations by
+        90 degrees and mirror images; :func:`random_dihedral`), as input and as reconstruction
+        target alike. Inference never augments.
     """
 
     def __init__(
@@ -97,8 +125,10 @@ class BaseImageVAE(BaseModuleClass):
         min_likelihood_scale: float = 0.02,
         arcsinh_cofactor: float = 1.0,
         decoder: nn.Module | None = None,
+        augment: bool = True,
     ) -> None:
         super().__init__()
+        self.augment = bool(augment)
         self.n_channels = n_channels
         self.crop_size = tuple(int(s) for s in crop_size)
         self.n_batch = n_batch
@@ -112,6 +142,13 @@ class BaseImageVAE(BaseModuleClass):
         self.likelihood = GaussianImageLikelihood(
             n_channels, scale_init=likelihood_scale, min_scale=min_likelihood_scale
         )
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw crops -> the model's [-1, 1] scale, in a random orientation while training."""
+        x_transformed = self.transform(x)
+        if self.training and self.augment:
+            x_transformed = random_dihedral(x_transformed)
+        return x_transformed
 
     @staticmethod
     def _batch_index(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:

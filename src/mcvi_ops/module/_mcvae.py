@@ -61,6 +61,9 @@ class MultiContrastiveVAE(BaseImageVAE):
     background_encoder, salient_encoder, decoder
         Networks to use instead of the default convolutional ones (same call signatures as
         :class:`~mcvi_ops.nn.ConvEncoder` and :class:`~mcvi_ops.nn.ConvDecoder`).
+    augment
+        Train on random rotations by 90 degrees and mirror images of each crop (see
+        :class:`~mcvi_ops.module.BaseImageVAE`).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class MultiContrastiveVAE(BaseImageVAE):
         background_encoder: nn.Module | None = None,
         salient_encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
+        augment: bool = True,
     ) -> None:
         super().__init__(
             n_channels,
@@ -93,6 +97,7 @@ class MultiContrastiveVAE(BaseImageVAE):
             min_likelihood_scale=min_likelihood_scale,
             arcsinh_cofactor=arcsinh_cofactor,
             decoder=decoder,
+            augment=augment,
         )
         self.n_perturbations = n_perturbations
         self.n_salient_latent = n_salient_latent
@@ -158,7 +163,7 @@ class MultiContrastiveVAE(BaseImageVAE):
         self, x: torch.Tensor, perturbation: torch.Tensor, n_samples: int = 1
     ) -> dict[str, torch.Tensor | Normal]:
         """Posteriors of ``z`` and ``s``; ``s`` of control cells is set to exactly 0."""
-        x_transformed = self.transform(x)
+        x_transformed = self._prepare_input(x)
         qz = self.background_encoder(x_transformed)
         qs = self.salient_encoder(x_transformed)
         if n_samples > 1:

@@ -32,6 +32,8 @@ class ImageVAE(BaseImageVAE):
         As in :class:`~mcvi_ops.module.MultiContrastiveVAE`.
     encoder, decoder
         Networks to use instead of the default convolutional ones.
+    augment
+        Train on random rotations by 90 degrees and mirror images of each crop.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class ImageVAE(BaseImageVAE):
         arcsinh_cofactor: float = 1.0,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
+        augment: bool = True,
     ) -> None:
         super().__init__(
             n_channels,
@@ -59,6 +62,7 @@ class ImageVAE(BaseImageVAE):
             min_likelihood_scale=min_likelihood_scale,
             arcsinh_cofactor=arcsinh_cofactor,
             decoder=decoder,
+            augment=augment,
         )
         self.n_latent = n_latent
         self.encoder = encoder or ConvEncoder(
@@ -74,7 +78,7 @@ class ImageVAE(BaseImageVAE):
     @auto_move_data
     def inference(self, x: torch.Tensor, n_samples: int = 1) -> dict[str, torch.Tensor | Normal]:
         """Posterior of the latent."""
-        x_transformed = self.transform(x)
+        x_transformed = self._prepare_input(x)
         qz = self.encoder(x_transformed)
         z = qz.rsample((n_samples,)) if n_samples > 1 else qz.rsample()
         return {"qz": qz, "z": z, "x_transformed": x_transformed}
