@@ -13,6 +13,7 @@ from types import SimpleNamespace
 IMAGE_KEY = "crops"
 PERTURBATION_KEY = "perturbation"
 CROP_INDEX_KEY = "crop_index"
+INTENSITY_FACTOR_KEY = "intensity_factors"  # optional per-cell, per-channel intensity factors
 #: the control category always gets this code in the perturbation field
 CONTROL_CODE = 0
 
@@ -24,6 +25,7 @@ UNS = SimpleNamespace(
     synthetic="synthetic_screen",  # parameters of a simulated screen
     ground_truth="ground_truth",  # simulated effect of each gene
     guide_truth="guide_truth",  # simulated efficiency of each guide
+    intensity_factors="intensity_factors",  # per-cell illumination x batch gains (also .obsm)
 )
 
 #: default ``.obs`` column holding each row's crop index

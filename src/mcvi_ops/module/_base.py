@@ -11,7 +11,7 @@ from scvi.module.base import BaseModuleClass
 from torch import nn
 from torch.distributions import Normal
 
-from mcvi_ops._constants import CONTROL_CODE
+from mcvi_ops._constants import CONTROL_CODE, INTENSITY_FACTOR_KEY
 from mcvi_ops.nn import ConvDecoder
 
 from ._transform import CropTransform
@@ -133,6 +133,8 @@ class BaseImageVAE(BaseModuleClass):
         self.crop_size = tuple(int(s) for s in crop_size)
         self.n_batch = n_batch
         self.transform = CropTransform(n_channels, cofactor=arcsinh_cofactor)
+        # the camera's dark level, kept in place when crops are divided by intensity factors
+        self.register_buffer("dark_level", torch.zeros(n_channels, 1, 1))
         self.decoder = decoder or ConvDecoder(
             n_latent_decoded + n_batch,
             n_channels,
@@ -143,9 +145,29 @@ class BaseImageVAE(BaseModuleClass):
             n_channels, scale_init=likelihood_scale, min_scale=min_likelihood_scale
         )
 
-    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+    def correct_intensity(
+        self, x: torch.Tensor, intensity_factors: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Divide raw crops (B, C, H, W) by per-cell factors (B, C) above the dark level.
+
+        The factors (illumination across the field of view times batch gains, see
+        :func:`~mcvi_ops.pp.estimate_intensity_factors`) are optional; `None` leaves ``x`` as is.
+        """
+        if intensity_factors is None:
+            return x
+        factors = intensity_factors.to(torch.float32).reshape(*x.shape[:2], 1, 1)
+        dark = self.dark_level.to(torch.float32)
+        return (x.float() - dark) / factors + dark
+
+    @staticmethod
+    def _intensity_factors(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return tensors.get(INTENSITY_FACTOR_KEY)
+
+    def _prepare_input(
+        self, x: torch.Tensor, intensity_factors: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Raw crops -> the model's [-1, 1] scale, in a random orientation while training."""
-        x_transformed = self.transform(x)
+        x_transformed = self.transform(self.correct_intensity(x, intensity_factors))
         if self.training and self.augment:
             x_transformed = random_dihedral(x_transformed)
         return x_transformed

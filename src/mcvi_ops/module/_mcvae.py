@@ -147,7 +147,11 @@ class MultiContrastiveVAE(BaseImageVAE):
 
     # --- scvi-tools module contract -------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY], "perturbation": tensors[PERTURBATION_KEY]}
+        return {
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "perturbation": tensors[PERTURBATION_KEY],
+            "intensity_factors": self._intensity_factors(tensors),
+        }
 
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict
@@ -160,10 +164,14 @@ class MultiContrastiveVAE(BaseImageVAE):
 
     @auto_move_data
     def inference(
-        self, x: torch.Tensor, perturbation: torch.Tensor, n_samples: int = 1
+        self,
+        x: torch.Tensor,
+        perturbation: torch.Tensor,
+        intensity_factors: torch.Tensor | None = None,
+        n_samples: int = 1,
     ) -> dict[str, torch.Tensor | Normal]:
         """Posteriors of ``z`` and ``s``; ``s`` of control cells is set to exactly 0."""
-        x_transformed = self._prepare_input(x)
+        x_transformed = self._prepare_input(x, intensity_factors)
         qz = self.background_encoder(x_transformed)
         qs = self.salient_encoder(x_transformed)
         if n_samples > 1:

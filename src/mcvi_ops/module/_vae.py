@@ -70,15 +70,23 @@ class ImageVAE(BaseImageVAE):
         )
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
+        return {
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "intensity_factors": self._intensity_factors(tensors),
+        }
 
     def _get_generative_input(self, tensors: dict[str, torch.Tensor], inference_outputs: dict):
         return {"z": inference_outputs["z"], "batch_index": self._batch_index(tensors)}
 
     @auto_move_data
-    def inference(self, x: torch.Tensor, n_samples: int = 1) -> dict[str, torch.Tensor | Normal]:
+    def inference(
+        self,
+        x: torch.Tensor,
+        intensity_factors: torch.Tensor | None = None,
+        n_samples: int = 1,
+    ) -> dict[str, torch.Tensor | Normal]:
         """Posterior of the latent."""
-        x_transformed = self._prepare_input(x)
+        x_transformed = self._prepare_input(x, intensity_factors)
         qz = self.encoder(x_transformed)
         z = qz.rsample((n_samples,)) if n_samples > 1 else qz.rsample()
         return {"qz": qz, "z": z, "x_transformed": x_transformed}
