@@ -96,3 +96,20 @@ def test_errors():
         technical_covariates(adata, use_rep="X_mcvae", covariates=("batch",))
     with pytest.raises(ValueError, match="No control cells"):
         technical_covariates(adata, use_rep="X_noise", control_category="NTC")
+
+
+def test_non_finite_embedding_names_rep_and_count():
+    adata = _screen()
+    controls = np.flatnonzero(adata.obs["gene_symbol"] == "nontargeting")
+    treated = np.flatnonzero(adata.obs["gene_symbol"] != "nontargeting")
+    adata.obsm["X_noise"][controls[:3], 0] = np.nan
+    adata.obsm["X_noise"][controls[5], 2] = np.inf
+    adata.obsm["X_noise"][treated[0], 1] = np.nan  # not used: controls only
+    n = controls.size
+    with pytest.raises(
+        ValueError,
+        match=rf"'X_noise' has NaN or infinite values in 4 of its {n} control cells \(e\.g\.",
+    ):
+        technical_covariates(adata, use_rep=["X_batchy", "X_noise"], covariates=("batch",))
+    with pytest.raises(ValueError, match=r"in 5 of its 900 cells.*np\.isfinite"):
+        technical_covariates(adata, use_rep="X_noise", covariates=("batch",), controls_only=False)

@@ -29,6 +29,11 @@ def test_hand_computed():
     # quantiles 0.2 / 0.8 of the 6 similarities are AD and BC: tails = {BD, AD, BC, AB}
     assert res.loc["recall_20", "value"] == pytest.approx(0.5)
     assert res.loc["recall_20", "baseline"] == pytest.approx(4 / 6)
+    # top tail {AB, BC}: AB is annotated; bottom tail {BD, AD}: CD is not in it
+    assert res.loc["recall_top_20", "value"] == pytest.approx(0.5)
+    assert res.loc["recall_top_20", "baseline"] == pytest.approx(2 / 6)
+    assert res.loc["recall_bottom_20", "value"] == pytest.approx(0.0)
+    assert res.loc["recall_bottom_20", "baseline"] == pytest.approx(2 / 6)
     assert (res["n_pairs"] == 2).all()
     assert (res["n_candidate_pairs"] == 6).all()
     stored = genes.uns["known_relationships"]["X"]
@@ -67,6 +72,15 @@ def test_recall_and_ap_match_brute_force():
         expected = np.mean((pair_sims <= lo) | (pair_sims >= hi))
         assert df.loc[f"recall_{p}", "value"] == pytest.approx(expected)
         assert df.loc[f"recall_{p}", "baseline"] == pytest.approx(2 * p / 100, abs=2 / iu[0].size)
+        assert df.loc[f"recall_top_{p}", "value"] == pytest.approx(np.mean(pair_sims >= hi))
+        assert df.loc[f"recall_bottom_{p}", "value"] == pytest.approx(np.mean(pair_sims <= lo))
+        assert df.loc[f"recall_top_{p}", "baseline"] == pytest.approx(p / 100, abs=1 / iu[0].size)
+        # EFAAR's compute_recall: percentage ranks of the pair similarities among all pairs
+        null = np.sort(all_sims)
+        rank_left = np.searchsorted(null, pair_sims, side="left") / null.size
+        rank_right = np.searchsorted(null, pair_sims, side="right") / null.size
+        efaar = np.mean((rank_right <= p / 100) | (rank_left >= 1 - p / 100))
+        assert df.loc[f"recall_{p}", "value"] == pytest.approx(efaar, abs=2 / len(pos))
     annotated = np.unique(np.array(list(pos)))
     sub = sim[np.ix_(annotated, annotated)]
     siu = np.triu_indices(annotated.size, k=1)

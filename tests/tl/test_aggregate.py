@@ -2,6 +2,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 
 from mcvi_ops.tl import aggregate
 
@@ -33,7 +34,10 @@ def test_gene_level_hand_computed():
     )
     assert genes.obs["n_cells"].tolist() == [3, 1]
     assert genes.obs["n_guides"].tolist() == [2, 1]
-    assert genes.n_vars == 0
+    # the profiles are also .X, with named variables
+    assert genes.var_names.tolist() == ["X_emb_0", "X_emb_1"]
+    np.testing.assert_array_equal(genes.X, genes.obsm["X_emb"])
+    assert genes.to_df().loc["B", "X_emb_0"] == pytest.approx(2 * np.sqrt(2))
     np.testing.assert_allclose(genes.uns["aggregate"]["X_emb"]["control_mean"], [0, 1])
 
 
@@ -68,8 +72,14 @@ def test_matches_pandas_groupby_reference():
     ref = gene_means.drop(index="nontargeting") - ctrl
     ref = ref / ref.std(ddof=1)
     np.testing.assert_allclose(out.obsm["X_rep"], ref.loc[out.obs_names].to_numpy(), atol=1e-5)
-    np.testing.assert_allclose(out.X, ref.loc[out.obs_names].to_numpy(), atol=1e-5)
-    assert list(out.var_names) == list(adata.var_names)
+    # .X holds the aggregated .X (original var_names, first) and then X_rep_0..4
+    assert list(out.var_names) == list(adata.var_names) + [f"X_rep_{j}" for j in range(d)]
+    assert out.var["representation"].tolist() == ["X"] * d + ["X_rep"] * d
+    np.testing.assert_allclose(
+        out[:, list(adata.var_names)].X, ref.loc[out.obs_names].to_numpy(), atol=1e-5
+    )
+    np.testing.assert_array_equal(out[:, out.var["representation"] == "X_rep"].X, out.obsm["X_rep"])
+    assert "X" not in out.obsm
 
 
 def test_guide_means_match_decoupler_pseudobulk():
@@ -99,3 +109,79 @@ def test_errors():
         aggregate(bad, use_rep="X_emb")
     with pytest.raises(ValueError, match="`level`"):
         aggregate(adata, use_rep="X_emb", level="cell")
+
+
+def test_two_representations_as_named_variables():
+    adata = _toy()
+    adata.obsm["X_other"] = np.arange(21, dtype=np.float32).reshape(7, 3)
+    guides = aggregate(adata, use_rep=["X_emb", "X_other"], level="guide", scale=False)
+    assert guides.shape == (5, 5)
+    assert guides.var_names.tolist() == [
+        "X_emb_0",
+        "X_emb_1",
+        "X_other_0",
+        "X_other_1",
+        "X_other_2",
+    ]
+    df = guides.to_df()
+    np.testing.assert_array_equal(df.iloc[:, :2].to_numpy(), guides.obsm["X_emb"])
+    np.testing.assert_array_equal(df.iloc[:, 2:].to_numpy(), guides.obsm["X_other"])
+    # scanpy reads it as any AnnData
+    sc = pytest.importorskip("scanpy")
+    means = sc.get.aggregate(guides, by="gene_symbol", func="mean")
+    assert means.shape == (3, 5)
+
+
+def test_non_finite_cells_are_left_out_with_a_warning(caplog):
+    adata = _toy()
+    reference = aggregate(adata[[0, 2, 3, 4, 5, 6]].copy(), use_rep="X_emb")
+    adata.obsm["X_emb"][1] = [np.nan, 0.0]  # the second cell of guide g1
+    with caplog.at_level("WARNING", logger="mcvi_ops.tl._aggregate"):
+        genes = aggregate(adata, use_rep="X_emb")
+    assert "Ignoring 1 cells with NaN or infinite values in 'X_emb'" in caplog.text
+    assert np.isfinite(genes.X).all()
+    np.testing.assert_allclose(genes.X, reference.X)
+    assert genes.obs["n_cells"].tolist() == [2, 1]
+    # a cell bad in any representation is left out of all of them (same rows everywhere)
+    adata = _toy()
+    adata.obsm["X_other"] = np.ones((7, 1), dtype=np.float32)
+    adata.obsm["X_other"][6] = np.inf  # the only cell of control guide c2
+    guides = aggregate(adata, use_rep=["X_emb", "X_other"], level="guide", scale=False)
+    assert guides.obs_names.tolist() == ["c1", "g1", "g2", "g3"]
+    # control mean is now guide c1 alone: [1, 1]
+    np.testing.assert_allclose(guides.uns["aggregate"]["X_emb"]["control_mean"], [1, 1])
+
+
+def test_non_finite_sparse_x():
+    adata = _toy()
+    x = adata.obsm["X_emb"].copy()
+    x[3, 1] = np.nan  # the only cell of g3 (gene B)
+    adata = ad.AnnData(sparse.csr_matrix(x), obs=adata.obs)
+    genes = aggregate(adata, use_rep=None, scale=False)
+    assert genes.obs_names.tolist() == ["A"]
+    np.testing.assert_allclose(genes.X, [[1.0, 1.0]])
+    bad = adata.copy()
+    bad.X = sparse.csr_matrix(np.full((7, 2), np.nan))
+    with pytest.raises(ValueError, match="No cell has a guide, a gene and finite values"):
+        aggregate(bad, use_rep=None)
+
+
+def test_group_means_match_scanpy_aggregate():
+    sc = pytest.importorskip("scanpy")
+    from mcvi_ops.tl._utils import group_means
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 4)).astype(np.float32)
+    codes = rng.integers(-1, 30, size=500)  # -1: ignored rows
+    ours, counts = group_means(x, codes, 31)
+    assert np.isnan(ours[30]).all() and counts[30] == 0  # a group without rows
+    keep = codes >= 0
+    cells = ad.AnnData(
+        obs=pd.DataFrame(
+            {"g": pd.Categorical.from_codes(codes[keep], categories=np.arange(31).astype(str))},
+            index=np.flatnonzero(keep).astype(str),
+        )
+    )
+    cells.obsm["x"] = x[keep]
+    theirs = sc.get.aggregate(cells, by="g", func="mean", obsm="x")
+    np.testing.assert_allclose(ours[theirs.obs_names.astype(int)], theirs.layers["mean"], rtol=1e-5)

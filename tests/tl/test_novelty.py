@@ -2,6 +2,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcvi_ops.tl import phenotype_novelty
 from mcvi_ops.tl._novelty import benjamini_hochberg
@@ -79,6 +81,41 @@ def test_benjamini_hochberg():
     # sorted p 0.01, 0.03, 0.04, 0.5 -> p * 4 / rank = 0.04, 0.06, 0.0533, 0.5 -> running minimum
     np.testing.assert_allclose(q[[0, 1, 2, 4]], [0.04, 0.16 / 3, 0.16 / 3, 0.5])
     assert np.isnan(q[3])
+    assert np.isnan(benjamini_hochberg(np.array([np.nan, np.nan]))).all()
+    assert benjamini_hochberg(np.array([])).shape == (0,)
+
+
+def _hand_written_bh(pvalues):
+    """The Benjamini-Hochberg step-up this module used before scipy's (kept as the reference)."""
+    p = np.asarray(pvalues, dtype=float)
+    q = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    m = ok.sum()
+    if m == 0:
+        return q
+    order = np.argsort(p[ok])
+    ranked = p[ok][order] * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(ranked, 1.0)
+    q[ok] = out
+    return q
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.floats(0, 1), st.just(np.nan), st.sampled_from([0.0, 0.01, 0.5, 1.0])),
+        max_size=60,
+    )
+)
+def test_scipy_bh_unchanged_from_hand_written(pvalues):
+    np.testing.assert_allclose(
+        benjamini_hochberg(np.array(pvalues, dtype=float)),
+        _hand_written_bh(pvalues),
+        rtol=1e-12,
+        atol=1e-15,
+    )
 
 
 def test_errors():

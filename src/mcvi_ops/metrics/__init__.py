@@ -1,9 +1,10 @@
-"""Evaluation metrics: known relationships, technical covariates and gene function."""
+"""Evaluation metrics: known relationships, mAP activity and consistency, technical covariates, gene function."""
 
 from mcvi_ops._lazy import lazy_getattr
 
 from ._covariates import technical_covariates
 from ._function import function_classification, recall_difference
+from ._map import phenotypic_activity, phenotypic_consistency
 from ._readers import read_gene_groups, read_gene_sets, read_relationships
 from ._relationships import known_relationships
 from ._synthetic import score_synthetic_screen
@@ -11,6 +12,8 @@ from ._synthetic import score_synthetic_screen
 __all__ = [
     "function_classification",
     "known_relationships",
+    "phenotypic_activity",
+    "phenotypic_consistency",
     "read_gene_groups",
     "read_gene_sets",
     "read_relationships",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -15,10 +14,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mcvi_ops.pp._covariates import POSITIONS, derive_covariates
-from mcvi_ops.tl._utils import check_obs_key, get_rep, rep_label, rep_names
+from mcvi_ops.pp._covariates import derive_covariates
+from mcvi_ops.tl._utils import check_finite, check_obs_key, get_rep, rep_label, rep_names
 
 logger = logging.getLogger(__name__)
+
 
 def _chance_f1(y: np.ndarray) -> float:
     """Return the expected macro-F1 of guessing classes uniformly at random."""
@@ -139,6 +139,12 @@ def technical_covariates(
     ``adata.uns[key_added][representation]``
         ``{"metrics": <its rows>, "per_batch": <scores of each within-batch fit>}``.
 
+    Raises
+    ------
+    ValueError
+        When an embedding has NaN or infinite values in the cells used (the message names the
+        representation and the number of such cells).
+
     Examples
     --------
     >>> import mcvi_ops
@@ -185,6 +191,12 @@ def technical_covariates(
     for rep in rep_names(use_rep):
         label = rep_label(rep)
         x_all = get_rep(adata, rep, dtype=np.float32)[mask]
+        check_finite(
+            x_all,
+            rep,
+            rows="control cells" if controls_only else "cells",
+            names=adata.obs_names[mask],
+        )
         rng = np.random.default_rng(seed)
         rows, per_batch = [], []
         for c in covariates:

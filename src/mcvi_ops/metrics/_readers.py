@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -17,27 +18,172 @@ logger = logging.getLogger(__name__)
 
 RelationshipFormat = Literal["auto", "pairs", "complexes", "gmt"]
 PAIR_COLUMNS = ("entity1", "entity2")
+FORMATS_ACCEPTED = (
+    "Accepted formats: a pair table (CSV or TSV with the header `entity1,entity2`, or exactly "
+    "two columns without a header, one pair per line); a complex list (`name<TAB>GENE1 GENE2 "
+    "...`, genes separated by spaces, one complex per line, like CORUM_clusters.tsv); a GMT / "
+    "Enrichr library (`name<TAB>description<TAB>GENE1<TAB>GENE2...`)."
+)
 
 
-def _sniff(path: Path, n_lines: int = 200) -> RelationshipFormat:
-    lines = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                lines.append(line.rstrip("\r\n"))
-            if len(lines) >= n_lines:
-                break
+def _malformed(path: Path, number: int, problem: str) -> ValueError:
+    msg = f"Relationship file {str(path)!r}, line {number}: {problem}. {FORMATS_ACCEPTED}"
+    return ValueError(msg)
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """Non-empty lines of a text file with their 1-based line numbers (binary files refused)."""
+    raw = path.read_bytes()
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        number = raw.count(b"\n", 0, nul) + 1
+        raise _malformed(path, number, "holds a NUL byte: this is a binary file, not text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        number = raw.count(b"\n", 0, err.start) + 1
+        problem = (
+            f"is not UTF-8 text (byte {raw[err.start]:#04x}); is it a binary or compressed file? "
+            "Decompress it or save it as UTF-8 text"
+        )
+        raise _malformed(path, number, problem) from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not lines:
         msg = f"Relationship file {str(path)!r} is empty."
         raise ValueError(msg)
-    if all("\t" not in line for line in lines):
+    return lines
+
+
+def _is_pair_header(line: str) -> bool:
+    fields = {f.strip().strip('"') for f in line.replace("\t", ",").split(",")}
+    return set(PAIR_COLUMNS) <= fields
+
+
+def _sniff(lines: list[tuple[int, str]], n_lines: int = 200) -> RelationshipFormat:
+    sample = [line for _, line in lines[:n_lines]]
+    if _is_pair_header(sample[0]) or all("\t" not in line for line in sample):
         return "pairs"
-    fields = [line.split("\t") for line in lines]
-    if any(len(f) >= 3 for f in fields):
+    fields = [line.split("\t") for line in sample]
+    n_long = sum(len(f) >= 3 for f in fields)
+    n_two = sum(len(f) == 2 for f in fields)
+    # the majority decides, so that the error points at the odd line of a ragged file
+    if n_long > n_two:
         return "gmt"
     if any(" " in f[1].strip() for f in fields if len(f) == 2):
         return "complexes"
     return "pairs"
+
+
+def _check_gene(path: Path, number: int, gene: str, *, separator: str) -> None:
+    for bad, name in ((";", "semicolons"), (",", "commas")):
+        if bad in gene and bad != separator:
+            problem = (
+                f"{gene[:60]!r} holds several genes separated by {name}; separate the genes of "
+                "a complex with spaces (complex list) or tabs (GMT)"
+            )
+            raise _malformed(path, number, problem)
+
+
+def _parse_gene_sets(
+    path: Path, lines: list[tuple[int, str]], format: Literal["complexes", "gmt"]
+) -> dict[str, list[str]]:
+    sets: dict[str, list[str]] = {}
+    for number, line in lines:
+        fields = line.split("\t")
+        if format == "complexes":
+            if len(fields) != 2:
+                problem = (
+                    f"has {len(fields)} tab-separated fields, but this file reads as a complex "
+                    "list, which has 2 (`name<TAB>GENE1 GENE2 ...`); for a GMT file pass "
+                    "format='gmt'"
+                )
+                raise _malformed(path, number, problem)
+            genes = fields[1].split()
+            for gene in genes:
+                _check_gene(path, number, gene, separator=" ")
+        else:
+            if len(fields) < 3:
+                problem = (
+                    f"has {len(fields)} tab-separated fields, but this file reads as a GMT "
+                    "library, whose lines have at least 3 (`name<TAB>description<TAB>GENE...`)"
+                )
+                raise _malformed(path, number, problem)
+            # Not decoupler.pp.read_gmt: it splits on any whitespace, so set names with spaces
+            # and the empty description field of Enrichr libraries (`name<TAB><TAB>GENE`) shift
+            # the columns, and it keeps Enrichr's `GENE,1.0` weights in the gene names.
+            genes = []
+            for field in fields[2:]:
+                gene = field.split(",")[0].strip()
+                _check_gene(path, number, gene, separator=",")
+                genes.append(gene)
+        genes = list(dict.fromkeys(g for g in genes if g))
+        name = fields[0].strip()
+        if name in sets:
+            name = f"{name} ({number})"
+        sets[name] = genes
+    return sets
+
+
+def _parse_pairs(path: Path, lines: list[tuple[int, str]]) -> pd.DataFrame:
+    first_number, first = lines[0]
+    if "\t" in first:
+        sep, sep_name = "\t", "tabs"
+    elif "," in first:
+        sep, sep_name = ",", "commas"
+    elif len(first.split()) == 2:
+        sep, sep_name = None, "spaces"
+    elif ";" in first:
+        problem = (
+            f"{first[:60]!r} is separated by semicolons; separate the two genes of a pair with "
+            "a comma or a tab, and the genes of a complex with spaces"
+        )
+        raise _malformed(path, first_number, problem)
+    else:
+        problem = (
+            f"{first[:60]!r} does not split into two columns at a comma, a tab or a space; "
+            "a pair table has two gene columns"
+        )
+        raise _malformed(path, first_number, problem)
+    texts = [line for _, line in lines]
+    split = (t.split() for t in texts) if sep is None else csv.reader(texts, delimiter=sep)
+    rows = list(split)
+    n_fields = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    n_columns = int(n_fields[0])
+    odd = np.flatnonzero(n_fields != n_columns)
+    if odd.size:
+        number, n = lines[odd[0]][0], int(n_fields[odd[0]])
+        problem = (
+            f"has {n} field{'s' * (n != 1)} separated by {sep_name}, but line {first_number} "
+            f"has {n_columns}; every line of a pair table has the same columns"
+        )
+        raise _malformed(path, number, problem)
+    header = [f.strip() for f in rows[0]]
+    if set(PAIR_COLUMNS) <= set(header):
+        columns = [header.index(c) for c in PAIR_COLUMNS]
+        first_row = 1
+    elif n_columns == 2:
+        columns, first_row = [0, 1], 0
+    else:
+        msg = (
+            f"Pair table {str(path)!r} needs columns {list(PAIR_COLUMNS)} (or exactly two "
+            f"columns without a header); found {header}. {FORMATS_ACCEPTED}"
+        )
+        raise ValueError(msg)
+    df = pd.DataFrame(
+        [(r[columns[0]].strip(), r[columns[1]].strip()) for r in rows[first_row:]],
+        columns=list(PAIR_COLUMNS),
+    )
+    separators = "[;,]" if sep != "," else ";"
+    several = (
+        df["entity1"].str.contains(separators) | df["entity2"].str.contains(separators)
+    ).to_numpy()
+    if several.any():
+        k = int(np.flatnonzero(several)[0])
+        pair = df.iloc[k].tolist()
+        gene = next(g for g in pair if ";" in g or (sep != "," and "," in g))
+        _check_gene(path, lines[first_row + k][0], gene, separator=sep or " ")
+    return df[(df["entity1"] != "") & (df["entity2"] != "")]
 
 
 def read_gene_sets(
@@ -58,48 +204,26 @@ def read_gene_sets(
     -------
     Mapping of set name -> list of unique gene symbols (order of first appearance).
 
+    Raises
+    ------
+    ValueError
+        For a binary file, a line with the wrong number of fields, or genes separated by ``;``
+        or ``,``: the message names the file, the line and the accepted formats.
+
     Examples
     --------
     >>> from mcvi_ops.metrics import read_gene_sets
     >>> sets = read_gene_sets("complexes.tsv")  # doctest: +SKIP
     """
     path = Path(path)
-    if format == "auto":
-        sniffed = _sniff(path)
-        format = "complexes" if sniffed == "pairs" else sniffed
-    if format not in ("complexes", "gmt"):
+    if format not in ("auto", "complexes", "gmt"):
         msg = f"`format` must be 'auto', 'complexes' or 'gmt', got {format!r}."
         raise ValueError(msg)
-    sets: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if format == "complexes":
-                if len(fields) != 2:
-                    msg = (
-                        f"Line {number} of {str(path)!r} has {len(fields)} tab-separated fields; "
-                        "a complex list has 2 (`name<TAB>gene gene ...`). For GMT files pass "
-                        "format='gmt'."
-                    )
-                    raise ValueError(msg)
-                genes = fields[1].split()
-            else:
-                if len(fields) < 3:
-                    msg = (
-                        f"Line {number} of {str(path)!r} has {len(fields)} tab-separated fields; "
-                        "a GMT line has at least 3 (`name<TAB>description<TAB>gene...`)."
-                    )
-                    raise ValueError(msg)
-                genes = [g.split(",")[0].strip() for g in fields[2:]]
-            genes = list(dict.fromkeys(g for g in genes if g))
-            name = fields[0].strip()
-            if name in sets:
-                name = f"{name} ({number})"
-            sets[name] = genes
-    return sets
+    lines = _read_lines(path)
+    if format == "auto":
+        sniffed = _sniff(lines)
+        format = "complexes" if sniffed == "pairs" else sniffed
+    return _parse_gene_sets(path, lines, format)
 
 
 def _pairs_from_sets(sets: Mapping[str, Iterable[str]]) -> pd.DataFrame:
@@ -146,6 +270,12 @@ def read_relationships(
     DataFrame with columns ``entity1``, ``entity2`` (``entity1 < entity2``), one row per unordered
     pair, no self-pairs.
 
+    Raises
+    ------
+    ValueError
+        For a malformed file (binary, ragged lines, genes separated by ``;``): the message names
+        the file, the line and the accepted formats.
+
     Examples
     --------
     >>> from mcvi_ops.metrics import read_relationships
@@ -157,25 +287,15 @@ def read_relationships(
     if not path.exists():
         msg = f"Relationship file {str(path)!r} does not exist."
         raise FileNotFoundError(msg)
-    if format == "auto":
-        format = _sniff(path)
-    if format in ("complexes", "gmt"):
-        return _pairs_from_sets(read_gene_sets(path, format=format))
-    if format != "pairs":
+    if format not in ("auto", "pairs", "complexes", "gmt"):
         msg = f"`format` must be 'auto', 'pairs', 'complexes' or 'gmt', got {format!r}."
         raise ValueError(msg)
-    df = pd.read_csv(path, sep=None, engine="python", dtype=str)
-    if set(PAIR_COLUMNS) <= set(df.columns):
-        df = df[list(PAIR_COLUMNS)]
-    elif df.shape[1] == 2:
-        df = pd.read_csv(path, sep=None, engine="python", dtype=str, header=None)
-    else:
-        msg = (
-            f"Pair table {str(path)!r} needs columns {list(PAIR_COLUMNS)} (or exactly two "
-            f"columns without a header); found {list(df.columns)}."
-        )
-        raise ValueError(msg)
-    return _canonical_pairs(df.dropna())
+    lines = _read_lines(path)
+    if format == "auto":
+        format = _sniff(lines)
+    if format in ("complexes", "gmt"):
+        return _pairs_from_sets(_parse_gene_sets(path, lines, format))
+    return _canonical_pairs(_parse_pairs(path, lines))
 
 
 def as_pairs(source) -> pd.DataFrame:
@@ -254,7 +374,7 @@ def read_gene_groups(path: str | os.PathLike) -> dict[str, str]:
         if all(isinstance(v, str) for v in data.values()):
             return {str(k): v for k, v in data.items()}
         sets = {str(k): list(v) for k, v in data.items()}
-    elif path.suffix.lower() in (".csv", ".tsv") and _sniff(path) == "pairs":
+    elif path.suffix.lower() in (".csv", ".tsv") and _sniff(_read_lines(path)) == "pairs":
         df = pd.read_csv(path, sep=None, engine="python", dtype=str).dropna()
         if df.shape[1] < 2:
             msg = f"{str(path)!r} needs two columns: gene, group."

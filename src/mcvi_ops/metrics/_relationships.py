@@ -109,7 +109,12 @@ def known_relationships(
     - **recall at percentile p** ("biological cartography", Celik et al.): the fraction of
       annotated pairs whose similarity is in the top p% or the bottom p% of the similarities of
       all gene pairs (thresholds from ``np.quantile``; baseline: the fraction of all pairs in the
-      two tails, i.e. about ``2 p / 100``).
+      two tails, i.e. about ``2 p / 100``). ``recall_5`` is the EFAAR benchmark's
+      ``recall_0.05_0.95``, ``recall_10`` its ``recall_0.1_0.9``;
+    - **tail recall** ``recall_top_{p}`` and ``recall_bottom_{p}``: the same two tails reported
+      apart, the fraction of annotated pairs at or above the ``100 - p`` percentile (similar
+      profiles) and at or below the ``p`` percentile (opposite profiles); baselines about
+      ``p / 100`` each. ``recall_{p}`` is their sum.
 
     Parameters
     ----------
@@ -139,7 +144,8 @@ def known_relationships(
     -------
     Tidy DataFrame, one row per representation x source x metric, with columns
     ``representation, source, metric, value, baseline, n_genes, n_pairs, n_candidate_pairs``
-    (metrics ``average_precision`` and ``recall_{p}``). Also sets
+    (metrics ``average_precision``, ``recall_{p}``, ``recall_top_{p}`` and ``recall_bottom_{p}``
+    for each ``p`` in ``percentiles``). Also sets
 
     ``gene_adata.uns[key_added][representation]``
         ``{"metrics": <that DataFrame's rows>, "curves": {source: {"recall", "precision",
@@ -195,7 +201,10 @@ def known_relationships(
             p: (float(qs[k]), float(qs[k + len(percentiles)])) for k, p in enumerate(percentiles)
         }
         tail_fraction = {
-            p: (np.count_nonzero(all_sims <= lo) + np.count_nonzero(all_sims >= hi)) / all_sims.size
+            p: (
+                np.count_nonzero(all_sims <= lo) / all_sims.size,
+                np.count_nonzero(all_sims >= hi) / all_sims.size,
+            )
             for p, (lo, hi) in thresholds.items()
         }
         rows, curves = [], {}
@@ -246,15 +255,21 @@ def known_relationships(
                 {**base, "metric": "average_precision", "value": ap, "baseline": prevalence}
             )
             for p, (lo, hi) in thresholds.items():
-                hit = (pair_sims <= lo) | (pair_sims >= hi)
-                rows.append(
-                    {
-                        **base,
-                        "metric": f"recall_{p:g}",
-                        "value": float(hit.mean()),
-                        "baseline": float(tail_fraction[p]),
-                    }
-                )
+                bottom, top = pair_sims <= lo, pair_sims >= hi
+                low_fraction, high_fraction = tail_fraction[p]
+                for metric, hit, baseline in (
+                    (f"recall_{p:g}", bottom | top, low_fraction + high_fraction),
+                    (f"recall_top_{p:g}", top, high_fraction),
+                    (f"recall_bottom_{p:g}", bottom, low_fraction),
+                ):
+                    rows.append(
+                        {
+                            **base,
+                            "metric": metric,
+                            "value": float(hit.mean()),
+                            "baseline": float(baseline),
+                        }
+                    )
             keep_points = _thin(recall, n_curve_points)
             curves[source] = {
                 "recall": recall[keep_points].astype(np.float32),

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._utils import check_obs_key, get_rep, group_means, rep_label, rep_names
+from ._utils import check_obs_key, finite_rows, get_rep, group_means, rep_label, rep_names
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +59,22 @@ def aggregate(
         control guides are kept at ``level="guide"`` (they are the null for downstream tests) and
         the single control row is dropped at ``level="gene"`` (it is zero after centring).
 
+    Cells with a NaN or infinite value in any of the ``use_rep`` representations are left out
+    (with a warning giving their number), so one bad cell does not turn every profile into NaN.
+
     Returns
     -------
     A new AnnData with one row per guide or gene (``obs_names`` are the guide or gene names):
 
+    ``.X``
+        Every aggregated representation side by side, float32, so ``.to_df()``, pandas, scanpy,
+        pycytominer and copairs read the profiles directly. Variables are named
+        ``{use_rep}_0``, ``{use_rep}_1``, ... (e.g. ``X_mcvae_salient_0``); the cell-level ``.X``
+        (``use_rep`` `None` or containing ``"X"``) keeps its ``var_names`` and comes first.
+        ``.var["representation"]`` says which representation each variable belongs to.
     ``.obsm[use_rep]``
         The aggregated representation for each key of ``.obsm`` in ``use_rep`` (same key as at the
         cell level, so metrics take the same ``use_rep`` at every level).
-    ``.X``
-        The aggregated ``.X`` when ``use_rep`` is `None` or contains ``"X"`` (``var_names`` kept);
-        otherwise ``.X`` has zero columns.
     ``.obs["n_cells"]``
         Number of cells per row; gene level also has ``obs["n_guides"]``, guide level has
         ``obs[gene_key]``. Both have ``obs["is_control"]``.
@@ -84,6 +90,7 @@ def aggregate(
     >>> guides = mcvi_ops.tl.aggregate(
     ...     adata, use_rep=["X_mcvae_salient", "X_mcvae_background"], level="guide"
     ... )  # doctest: +SKIP
+    >>> guides.to_df().iloc[:2, :3]  # doctest: +SKIP
     """
     if level not in ("gene", "guide"):
         msg = f"`level` must be 'gene' or 'guide', got {level!r}."
@@ -94,7 +101,7 @@ def aggregate(
         )
         raise ValueError(msg)
     guide_key, gene_key = by
-    reps = rep_names(use_rep)
+    reps = list(dict.fromkeys(rep_names(use_rep)))
     guides = check_obs_key(adata, guide_key, what="guide").astype("object")
     genes = check_obs_key(adata, gene_key, what="gene").astype("object")
     valid = (guides.notna() & genes.notna()).to_numpy()
@@ -102,6 +109,21 @@ def aggregate(
         logger.warning(
             "Ignoring %d cells with a missing %r or %r.", (~valid).sum(), guide_key, gene_key
         )
+    for rep in reps:
+        finite = finite_rows(adata, rep)
+        if not finite.all():
+            logger.warning(
+                "Ignoring %d cells with NaN or infinite values in %r.",
+                (~finite).sum(),
+                rep_label(rep),
+            )
+            valid &= finite
+    if not valid.any():
+        msg = (
+            "No cell has a guide, a gene and finite values in every representation of "
+            f"`use_rep`={[rep_label(r) for r in reps]}; nothing to aggregate."
+        )
+        raise ValueError(msg)
     guide_of_cell = guides.to_numpy()[valid].astype(str)
     gene_of_cell = genes.to_numpy()[valid].astype(str)
 
@@ -181,14 +203,24 @@ def aggregate(
         }
 
     obs = obs.loc[keep]
-    x_out = results.pop("X", None)
-    out = AnnData(
-        X=x_out if x_out is not None else np.zeros((obs.shape[0], 0), dtype=np.float32),
-        obs=obs,
-        var=pd.DataFrame(index=adata.var_names.copy()) if x_out is not None else None,
-    )
+    blocks, var_names, var_rep = [], [], []
     for key, values in results.items():
-        out.obsm[key] = values
+        blocks.append(values)
+        if key == "X":
+            var_names.extend(adata.var_names.astype(str))
+        else:
+            var_names.extend(f"{key}_{j}" for j in range(values.shape[1]))
+        var_rep.extend([key] * values.shape[1])
+    var = pd.DataFrame(
+        {"representation": pd.Categorical(var_rep, categories=list(results))},
+        index=pd.Index(var_names),
+    )
+    out = AnnData(X=np.hstack(blocks), obs=obs, var=var)
+    if not out.var_names.is_unique:
+        out.var_names_make_unique()
+    for key, values in results.items():
+        if key != "X":
+            out.obsm[key] = values
     out.uns["aggregate"] = {
         "params": {
             "use_rep": [rep_label(r) for r in reps],

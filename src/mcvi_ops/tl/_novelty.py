@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scipy.stats import false_discovery_control
 
 from ._utils import check_obs_key, get_rep, group_means
 
@@ -14,19 +15,16 @@ logger = logging.getLogger(__name__)
 
 
 def benjamini_hochberg(pvalues: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (NaN stays NaN)."""
+    """Benjamini-Hochberg adjusted p-values (NaN stays NaN and is not counted as a test).
+
+    :func:`scipy.stats.false_discovery_control` on the finite p-values; scipy rejects NaN, and a
+    NaN here marks a perturbation that was not tested.
+    """
     p = np.asarray(pvalues, dtype=float)
     q = np.full(p.shape, np.nan)
     ok = np.isfinite(p)
-    m = ok.sum()
-    if m == 0:
-        return q
-    order = np.argsort(p[ok])
-    ranked = p[ok][order] * m / np.arange(1, m + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(ranked, 1.0)
-    q[ok] = out
+    if ok.any():
+        q[ok] = false_discovery_control(p[ok], method="bh")
     return q
 
 
