@@ -5,7 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mcvi_ops.data import get_crops, link_crops, linked_store, write_crops
+from mcvi_ops.data import CropWriter, get_crops, link_crops, linked_store, write_crops
+from mcvi_ops.data._link import StoreChangedError
+from mcvi_ops.data._store import IncompleteStoreError
 
 
 def test_default_link_ties_row_i_to_crop_i(make_linked):
@@ -77,3 +79,51 @@ def test_link_to_in_memory_store(rng):
     adata = ad.AnnData(obs=pd.DataFrame(index=list("abcdef")))
     link_crops(adata, store.url)
     np.testing.assert_array_equal(get_crops(adata, ["f"]), crops[[5]])
+
+
+def test_link_records_the_store_id(make_linked):
+    adata, _ = make_linked()
+    assert adata.uns["crops"]["store_id"] == linked_store(adata).store_id
+
+
+def test_replaced_store_is_refused_until_relinked(make_linked, tmp_path):
+    adata, crops = make_linked()
+    old_id = adata.uns["crops"]["store_id"]
+    # someone writes other crops to the same path
+    new = write_crops(
+        tmp_path / "crops.zarr",
+        crops[::-1].copy(),
+        channel_names=["DAPI", "tubulin"],
+        overwrite=True,
+    )
+    pattern = rf"was replaced.*{old_id}.*{new.store_id}.*link_crops\(adata, .*crops.zarr"
+    with pytest.raises(StoreChangedError, match=pattern):
+        linked_store(adata)
+    with pytest.raises(StoreChangedError, match="was replaced"):
+        get_crops(adata, [0])
+    link_crops(adata, new, index_key="crop_index")  # the fix the message names
+    np.testing.assert_array_equal(get_crops(adata, [0]), crops[[-1]])
+
+
+def test_shrunk_store_is_refused(make_linked, tmp_path):
+    adata, crops = make_linked()
+    del adata.uns["crops"]["store_id"]  # a link made before stores had ids
+    write_crops(
+        tmp_path / "crops.zarr", crops[:10], channel_names=["DAPI", "tubulin"], overwrite=True
+    )
+    with pytest.raises(StoreChangedError, match=r"holds 10 crops.*index 39 \(it held 40.*shrank"):
+        get_crops(adata, [0])
+    # a subset that only uses surviving crops still reads
+    np.testing.assert_array_equal(get_crops(adata[:5].copy(), [4]), crops[[4]])
+
+
+def test_incomplete_store_cannot_be_linked(tmp_path, rng):
+    writer = CropWriter(tmp_path / "a.zarr", n_channels=1, crop_size=4, channel_names=["DAPI"])
+    writer.append(rng.integers(0, 9, (3, 1, 4, 4), dtype=np.uint16))
+    adata = ad.AnnData(obs=pd.DataFrame(index=list("abc")))
+    with pytest.raises(IncompleteStoreError, match="incomplete"):
+        link_crops(adata, tmp_path / "a.zarr")
+    with pytest.raises(IncompleteStoreError, match="Cannot link.*incomplete"):
+        link_crops(adata, writer.store)
+    writer.close()
+    link_crops(adata, tmp_path / "a.zarr")

@@ -8,6 +8,7 @@ import tifffile
 
 from mcvi_ops.data import get_crops
 from mcvi_ops.io import crops_from_array, crops_from_files
+from mcvi_ops.io._images import UnreadableImageError
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,56 @@ def test_crops_from_files_size_mismatch(real_crops, tmp_path, channels):
         folder, tmp_path / "out2", channel_names=channels, resize_to=24, progress=False
     )
     assert get_crops(adata).shape == (2, 3, 24, 24)
+
+
+def test_crops_from_array_nonfinite(real_crops, tmp_path, channels):
+    crops, cells = real_crops
+    bad = crops.astype(np.float32)
+    bad[[3, 40], 1, 5, 5] = np.nan
+    obs = cells.set_index("Metadata_ObjectNumber")
+    names = [str(obs.index[3]), str(obs.index[40])]
+    with pytest.raises(ValueError, match=rf"2 crops hold NaN.*'{names[0]}', '{names[1]}'"):
+        crops_from_array(bad, tmp_path / "a", channel_names=channels, obs=obs)
+    adata = crops_from_array(bad, tmp_path / "b", channel_names=channels, obs=obs, nonfinite="zero")
+    info = adata.uns["import_crops"]
+    assert (info["n_nonfinite_values"], info["n_nonfinite_cells"]) == (2, 2)
+    assert get_crops(adata, names)[:, 1, 5, 5].tolist() == [0, 0]
+
+
+def test_crops_from_array_never_clips_or_renames(real_crops, tmp_path, channels):
+    crops, cells = real_crops
+    high = crops.astype(np.float32)
+    high[7, 0, 0, 0] = 70_000
+    with pytest.raises(ValueError, match=r"outside the uint16 range"):
+        crops_from_array(high, tmp_path / "a", channel_names=channels, dtype="uint16")
+    with pytest.raises(ValueError, match=r"outside the uint16 range"):
+        crops_from_array(high, tmp_path / "b", channel_names=channels, dtype="uint16", resize_to=20)
+    with pytest.raises(ValueError, match="got the string 'DNA'"):
+        crops_from_array(crops[:, :1], tmp_path / "c", channel_names="DNA")
+    wide = crops.astype(np.int64)
+    wide[2] += 2**24
+    with pytest.raises(ValueError, match=r"int64 crops hold values above 2\*\*24.*cells '2'"):
+        crops_from_array(wide, tmp_path / "d", channel_names=channels)
+    obs = cells.set_index(pd.Index(["x"] * 2 + [f"c{i}" for i in range(48)]))
+    with pytest.warns(UserWarning, match=r"duplicate cell ids, e.g. \['x'\]"):
+        adata = crops_from_array(crops, tmp_path / "e", channel_names=channels, obs=obs)
+    assert list(adata.obs_names[:3]) == ["x", "x-1", "c0"]
+
+
+def test_crops_from_files_skips_a_corrupt_file(real_crops, tmp_path, channels, caplog):
+    crops, _ = real_crops
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for i in range(6):
+        tifffile.imwrite(folder / f"cell_{i}.tif", crops[i], photometric="minisblack")
+    broken = folder / "cell_0.tif"
+    broken.write_bytes(broken.read_bytes()[:300])
+    with pytest.raises(UnreadableImageError, match=r"cell_0.tif.*corrupt or truncated"):
+        crops_from_files(folder, tmp_path / "a", channel_names=channels, progress=False)
+    adata = crops_from_files(
+        folder, tmp_path / "b", channel_names=channels, on_error="skip", progress=False
+    )
+    assert list(adata.obs_names) == [f"cell_{i}" for i in range(1, 6)]
+    assert adata.uns["import_crops"]["skipped_files"] == [str(broken)]
+    np.testing.assert_array_equal(get_crops(adata), crops[1:6])
+    assert "Skipping crop file" in caplog.text

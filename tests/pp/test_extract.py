@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import anndata as ad
 import numpy as np
@@ -11,7 +12,9 @@ from scipy import ndimage
 from skimage.measure import regionprops
 
 from mcvi_ops.data import get_crops, open_crops
+from mcvi_ops.data._store import IncompleteStoreError
 from mcvi_ops.io import MissingTileError, read_cells
+from mcvi_ops.io._images import UnreadableImageError
 from mcvi_ops.pp import align_channels, extract_crops
 
 
@@ -188,7 +191,7 @@ def test_funk_preset_and_tile_order(tiles, tmp_path, channels):
     assert info["n_kept"] == adata.n_obs
 
 
-def test_n_jobs_2_equals_1(tiles, tmp_path, channels, files_of):
+def test_n_jobs_2_equals_1(tiles, tmp_path, channels, same_store):
     template, table, _ = tiles
     one = extract_crops(
         template, table, tmp_path / "one", channel_names=channels, resize_to=64, progress=False
@@ -203,7 +206,7 @@ def test_n_jobs_2_equals_1(tiles, tmp_path, channels, files_of):
         progress=False,
     )
     pd.testing.assert_frame_equal(one.obs, two.obs)
-    assert files_of(tmp_path / "one" / "crops.zarr") == files_of(tmp_path / "two" / "crops.zarr")
+    same_store(tmp_path / "one" / "crops.zarr", tmp_path / "two" / "crops.zarr")
     assert get_crops(two).shape[1:] == (3, 64, 64)
 
 
@@ -224,11 +227,12 @@ def _same_adata(a, b):
     pd.testing.assert_frame_equal(a.obs, b.obs)
     assert a.uns["extract_crops"] == b.uns["extract_crops"]
     ref_a, ref_b = dict(a.uns["crops"]), dict(b.uns["crops"])
-    ref_a.pop("url"), ref_b.pop("url")
+    for key in ("url", "store_id"):  # every store gets its own random id
+        ref_a.pop(key), ref_b.pop(key)
     assert ref_a == ref_b
 
 
-def test_resume_after_crash_is_identical(tiles, tmp_path, channels, files_of):
+def test_resume_after_crash_is_identical(tiles, tmp_path, channels, same_store):
     _, table, images = tiles
     kwargs = {"channel_names": channels, "chunk_cells": 64, "progress": False}
     reference = extract_crops(_Loader(images), table, tmp_path / "ref", **kwargs)
@@ -239,7 +243,9 @@ def test_resume_after_crash_is_identical(tiles, tmp_path, channels, files_of):
     log = (tmp_path / "run" / "extract_log.jsonl").read_text().splitlines()
     assert len(log) == 1 + 2  # header + tiles 0 and 1 committed
     # make it worse: rows of an uncommitted tile in the store and a torn log line
-    store = open_crops(tmp_path / "run" / "crops.zarr")
+    with pytest.raises(IncompleteStoreError, match="incomplete"):
+        open_crops(tmp_path / "run" / "crops.zarr")
+    store = open_crops(tmp_path / "run" / "crops.zarr", allow_incomplete=True)
     committed = json.loads(log[-1])["stop"]
     assert store.n_cells == committed
     import zarr
@@ -254,7 +260,7 @@ def test_resume_after_crash_is_identical(tiles, tmp_path, channels, files_of):
     resumed = extract_crops(resumed_loader, table, tmp_path / "run", **kwargs)
     assert [k[1] for k in resumed_loader.calls] == [2]  # finished tiles were skipped
     _same_adata(resumed, reference)
-    assert files_of(tmp_path / "run" / "crops.zarr") == files_of(tmp_path / "ref" / "crops.zarr")
+    same_store(tmp_path / "run" / "crops.zarr", tmp_path / "ref" / "crops.zarr")
     np.testing.assert_array_equal(get_crops(resumed), get_crops(reference))
     # a finished run reruns as a no-op with the same result
     again_loader = _Loader(images)
@@ -420,3 +426,129 @@ def test_funk_table_on_mirrored_tile(paths, eh, tmp_path, channels):
     inside = (rows >= 50) & (cols >= 50) & (size - rows >= 50) & (size - cols >= 50)
     assert adata.n_obs == inside.sum()
     assert get_crops(adata, [0]).shape == (1, 3, 32, 32)
+
+
+# --- ingestion checks ----------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["../../outside", "/etc"])
+def test_tile_template_cannot_leave_its_folder(tiles, tmp_path, channels, value):
+    template, table, _ = tiles
+    table = table.copy()
+    table.loc[table.index[5], "well"] = value
+    with pytest.raises(ValueError, match=rf"Row '5'.*well='{value}'.*outside the tile folder"):
+        extract_crops(template, table, tmp_path / "out", channel_names=channels, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_tile_key_names_the_rows(tiles, tmp_path, channels):
+    template, table, _ = tiles
+    table = table.copy()
+    table.loc[[7, 300], "tile"] = np.nan
+    with pytest.raises(ValueError, match=r"2 cells have no tile key.*\['7', '300'\]"):
+        extract_crops(template, table, tmp_path, channel_names=channels, progress=False)
+
+
+def test_duplicate_cell_ids_are_kept_unique_with_a_warning(eh, tmp_path, channels):
+    image, cells = eh
+    cells = cells.set_index(pd.Index(["c"] * 10 + [f"id{i}" for i in range(len(cells) - 10)]))
+    with pytest.warns(UserWarning, match=r"1 duplicate cell ids, e.g. \['c'\]"):
+        adata = extract_crops(
+            image, cells, tmp_path, channel_names=channels, align=False, progress=False
+        )
+    assert adata.obs_names.is_unique
+    kept = adata.obs_names[adata.obs_names.str.startswith("id")]
+    assert len(kept) and all(cells.index.get_loc(name) >= 10 for name in kept)  # ids survive
+    assert not adata.obs_names.str.fullmatch(r"\d+").any()  # never replaced by positions
+
+
+def test_read_cells_warns_about_duplicate_ids(tmp_path):
+    pd.DataFrame({"id": ["a", "a", "b"], "x": [1, 2, 3]}).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.warns(UserWarning, match=r"1 duplicate ids.*\['a'\]"):
+        table = read_cells(tmp_path / "c.csv", index_col="id")
+    assert list(table.index) == ["a", "a", "b"]
+
+
+def test_corrupt_tile_raises_naming_the_file_or_is_skipped(tiles, tmp_path, channels, caplog):
+    template, table, _ = tiles
+    tile = tmp_path / "tiles" / "A1_Tile-1.tif"
+    tile.write_bytes(tile.read_bytes()[: tile.stat().st_size // 2])  # a truncated copy
+    with pytest.raises(UnreadableImageError, match=r"tile=1.*A1_Tile-1.tif.*truncated"):
+        extract_crops(template, table, tmp_path / "a", channel_names=channels, progress=False)
+    for n_jobs in (1, 2):
+        with caplog.at_level(logging.WARNING):
+            adata = extract_crops(
+                template,
+                table,
+                tmp_path / f"skip{n_jobs}",
+                channel_names=channels,
+                on_error="skip",
+                n_jobs=n_jobs,
+                progress=False,
+            )
+        info = adata.uns["extract_crops"]
+        assert info["n_dropped_unreadable_tile"] == (table.tile == 1).sum()
+        assert info["unreadable_tiles"][0][0] == "well='A1', tile=1"
+        assert 1 not in set(adata.obs["tile"])
+    assert "Skipping tile well='A1', tile=1" in caplog.text
+
+
+def test_nonfinite_tile_pixels_raise_or_are_zeroed(eh, tmp_path, channels):
+    image, cells = eh
+    tile = image.astype(np.float32)
+    y, x = 260, 240
+    tile[1, y, x] = np.nan
+    tile[2, y + 1, x] = np.inf
+    # cells whose 100 px crop (rows r-50..r+49, columns c-50..c+49) holds each bad pixel
+    rows = np.floor(cells["Nuclei_Location_Center_Y"].to_numpy() + 0.5)
+    cols = np.floor(cells["Nuclei_Location_Center_X"].to_numpy() + 0.5)
+    kept = (rows >= 50) & (cols >= 50) & (rows <= 462) & (cols <= 462)
+
+    def holds(py, px):
+        return kept & (rows - 50 <= py) & (py < rows + 50) & (cols - 50 <= px) & (px < cols + 50)
+
+    hit = holds(y, x) | holds(y + 1, x)
+    n_values = int(holds(y, x).sum() + holds(y + 1, x).sum())
+    first = cells.index[hit][0]
+    kwargs = {"channel_names": channels, "dtype": "float32", "progress": False}
+    pattern = (
+        rf"holds 2 NaN or infinite pixels, {n_values} of them inside the crops of {hit.sum()} "
+        rf"cells \(e.g. \['{first}'.*nonfinite='zero'"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        extract_crops(tile, cells, tmp_path / "a", **kwargs)
+    adata = extract_crops(tile, cells, tmp_path / "b", nonfinite="zero", **kwargs)
+    info = adata.uns["extract_crops"]
+    assert (info["n_nonfinite_values"], info["n_nonfinite_cells"]) == (n_values, hit.sum())
+    store = open_crops(tmp_path / "b" / "crops.zarr")
+    assert store.nonfinite == {"policy": "zero", "n_values": n_values, "n_cells": int(hit.sum())}
+    crops = get_crops(adata)
+    assert np.isfinite(crops).all()
+    # zeroed before alignment and clipping, which would spread NaN over the whole tile: crops
+    # away from the bad pixels match those of the clean tile (up to a tiny alignment change)
+    clean = extract_crops(image.astype(np.float32), cells, tmp_path / "c", **kwargs)
+    far = np.flatnonzero(~hit[kept])
+    close = np.isclose(get_crops(adata, far), get_crops(clean, far), rtol=0.02, atol=2)
+    assert close.mean() > 0.9999
+
+
+def test_values_float32_or_uint16_cannot_hold(eh, tmp_path, channels):
+    image, cells = eh
+    big = image.astype(np.int32)
+    big[0, 0, 0] = 2**24 + 5
+    with pytest.raises(
+        ValueError, match=r"Tile Metadata_ImageNumber=1 holds int32 values beyond 2\*\*24"
+    ):
+        extract_crops(big, cells, tmp_path / "a", channel_names=channels, progress=False)
+    over = image.astype(np.int32)
+    over[0, 100, 100] = 70_000
+    with pytest.raises(ValueError, match=r"outside the uint16 range.*dtype='float32'"):
+        extract_crops(
+            over,
+            cells,
+            tmp_path / "b",
+            channel_names=channels,
+            align=False,
+            clip_percentiles=None,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="got the string 'DNA'"):
+        extract_crops(image, cells, tmp_path / "c", channel_names="DNA", progress=False)

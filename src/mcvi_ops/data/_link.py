@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from mcvi_ops._constants import DEFAULT_INDEX_KEY, UNS
 
-from ._store import CropStore, StoreLike, open_crops
+from ._store import CropStore, IncompleteStoreError, StoreLike, open_crops
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,32 @@ def link_crops(
         Integer crop index of each row (``"crop_index"`` by default).
     ``adata.uns[uns_key]``
         The store reference (``url``, ``index_key``, ``n_crops``, ``channel_names``, ``crop_size``,
-        ``dtype``): plain data that survives ``write_h5ad``/``write_zarr``.
+        ``dtype``, ``store_id``): plain data that survives ``write_h5ad``/``write_zarr``.
+        :func:`linked_store` uses ``store_id`` and ``n_crops`` to notice a store that was
+        replaced or shrunk after linking.
+
+    Examples
+    --------
+    >>> import anndata as ad, numpy as np, pandas as pd
+    >>> import mcvi_ops
+    >>> crops = np.zeros((3, 1, 8, 8), dtype=np.uint16)
+    >>> store = mcvi_ops.data.write_crops("memory://linked.zarr", crops, channel_names=["DAPI"])
+    >>> adata = ad.AnnData(obs=pd.DataFrame(index=["a", "b", "c"]))
+    >>> mcvi_ops.data.link_crops(adata, store)
+    >>> adata.uns["crops"]["store_id"] == store.store_id
+    True
     """
     store = (
         store_or_path
         if isinstance(store_or_path, CropStore)
         else open_crops(store_or_path, storage_options=storage_options)
     )
+    if not store.complete:
+        msg = (
+            f"Cannot link to the crop store {store.url}: it is incomplete (its writer did not "
+            "finish). Finish or rerun the writing first."
+        )
+        raise IncompleteStoreError(msg)
     if index_key is None:
         if adata.n_obs != store.n_cells:
             msg = (
@@ -123,11 +142,62 @@ def crop_reference(adata: AnnData, *, uns_key: str = UNS_KEY) -> dict[str, Any]:
     return reference
 
 
+class StoreChangedError(ValueError):
+    """The crop store at a linked path is not the one the AnnData was linked to."""
+
+
 def linked_store(adata: AnnData, *, uns_key: str = UNS_KEY) -> CropStore:
-    """Open the crop store that ``adata`` is linked to."""
+    """Open the crop store that ``adata`` is linked to, checking it is still the same store.
+
+    Parameters
+    ----------
+    adata
+        AnnData linked to a crop store with :func:`link_crops`.
+    uns_key
+        Key of the store reference in ``adata.uns``.
+
+    Returns
+    -------
+    The opened :class:`~mcvi_ops.data.CropStore`. Raises
+    :class:`~mcvi_ops.data.StoreChangedError` when the store at the linked path was replaced
+    (another ``store_id``) or holds fewer crops than the AnnData links to.
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> adata = mcvi_ops.datasets.synthetic_screen(n_cells=200, n_genes=10, seed=0)
+    >>> mcvi_ops.data.linked_store(adata).n_cells
+    200
+    """
     reference = crop_reference(adata, uns_key=uns_key)
     options = reference.get("storage_options")
-    return open_crops(str(reference["url"]), storage_options=dict(options) if options else None)
+    url = str(reference["url"])
+    store = open_crops(url, storage_options=dict(options) if options else None)
+    relink = (
+        f"`mcvi_ops.data.link_crops(adata, {url!r}, index_key={reference['index_key']!r})` if "
+        "the store holds these cells' crops in the linked order, otherwise recreate the store "
+        "(e.g. rerun extract_crops) and use the AnnData written with it"
+    )
+    linked_id = reference.get("store_id")
+    if linked_id is not None and store.store_id is not None and linked_id != store.store_id:
+        msg = (
+            f"The crop store at {url} was replaced after adata was linked to it: adata.uns"
+            f"[{uns_key!r}] names store_id {linked_id!r} but the store there is {store.store_id!r}."
+            f" Its crops may be different cells. Relink with {relink}."
+        )
+        raise StoreChangedError(msg)
+    indices = adata.obs[reference["index_key"]].to_numpy()
+    needed = int(np.max(indices)) + 1 if len(indices) else 0
+    linked_n = int(reference.get("n_crops", needed))
+    # indices past the end of a store that did not shrink are bad indices: callers check those
+    if needed > store.n_cells and linked_n > store.n_cells:
+        msg = (
+            f"The crop store at {url} holds {store.n_cells} crops but adata links to crop index "
+            f"{needed - 1} (it held {reference.get('n_crops', '?')} crops when linked): the store "
+            f"shrank since. Relink with {relink}."
+        )
+        raise StoreChangedError(msg)
+    return store
 
 
 def get_crops(adata: AnnData, rows: Any = None, *, uns_key: str = UNS_KEY) -> np.ndarray:

@@ -6,19 +6,27 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from mcvi_ops.data import CropWriter, link_crops
-
 from mcvi_ops._constants import UNS
+from mcvi_ops.data import CropWriter, link_crops
+from mcvi_ops.data._store import check_channel_names
 from mcvi_ops.pp._resize import resize_crops
 from mcvi_ops.pp._resume import ADATA_NAME, STORE_NAME
 
-from ._images import IMAGE_SUFFIXES, ChannelAxis, read_image, stem, to_channel_first
+from ._images import (
+    IMAGE_SUFFIXES,
+    ChannelAxis,
+    UnreadableImageError,
+    read_image,
+    stem,
+    to_channel_first,
+)
+from ._tables import unique_cell_ids
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +59,7 @@ def _out_dtype(dtype: Any, source: np.dtype) -> np.dtype:
 
 def _check_obs(obs: pd.DataFrame | None, n: int, default_index: Sequence[str]) -> pd.DataFrame:
     if obs is None:
-        return pd.DataFrame(index=pd.Index([str(i) for i in default_index]))
+        return pd.DataFrame(index=unique_cell_ids(default_index, what="The crop file names"))
     if not isinstance(obs, pd.DataFrame):
         msg = f"obs must be a pandas DataFrame with one row per crop, got {type(obs).__name__}."
         raise TypeError(msg)
@@ -62,7 +70,7 @@ def _check_obs(obs: pd.DataFrame | None, n: int, default_index: Sequence[str]) -
         )
         raise ValueError(msg)
     obs = obs.copy()
-    obs.index = obs.index.astype(str)
+    obs.index = unique_cell_ids(obs.index, what="obs")
     return obs
 
 
@@ -85,6 +93,7 @@ def crops_from_array(
     dtype: Any = None,
     chunk_cells: int | None = None,
     pixel_size: float | None = None,
+    nonfinite: Literal["raise", "zero"] = "raise",
     overwrite: bool = False,
 ) -> AnnData:
     """Store crops you already have (an in-memory array) as a crop store with an AnnData.
@@ -108,18 +117,25 @@ def crops_from_array(
     resize_to
         Resize each crop to ``resize_to`` x ``resize_to`` pixels with anti-aliasing.
     dtype
-        ``uint8``, ``uint16`` or ``float32``; `None` keeps the input type when possible.
+        ``uint8``, ``uint16`` or ``float32``; `None` keeps the input type when possible (other
+        types become float32 when that is exact). Values outside the range of an integer type
+        raise an error; they are never clipped.
     chunk_cells
         Cells per chunk of the store.
     pixel_size
         Pixel size in micrometres.
+    nonfinite
+        NaN/inf pixels: ``"raise"`` (an error naming the cells) or ``"zero"`` (set to 0 and
+        counted in ``uns["import_crops"]`` and the store attribute ``nonfinite``).
     overwrite
         Replace an existing ``crops.zarr`` / ``cells.h5ad`` in ``out``.
 
     Returns
     -------
     AnnData with one row per crop, written to ``out/cells.h5ad``, with ``obs["crop_index"]``,
-    the store link in ``uns["crops"]`` and ``uns["import_crops"]`` (source, counts, channel names).
+    the store link in ``uns["crops"]`` and ``uns["import_crops"]`` (source, counts, channel
+    names, ``n_nonfinite_values``, ``n_nonfinite_cells``). The obs names are ``obs``'s index as
+    strings (``"0"``, ``"1"``, ... without ``obs``); duplicates are made unique with a warning.
 
     Examples
     --------
@@ -133,7 +149,7 @@ def crops_from_array(
     10
     """
     crops = np.asarray(crops)
-    names = [str(n) for n in channel_names]
+    names = check_channel_names(channel_names)
     if crops.ndim == 3 and len(names) == 1:
         crops = crops[:, None]
     if crops.ndim != 4:
@@ -167,27 +183,45 @@ def crops_from_array(
         dtype=out_dtype,
         chunk_cells=chunk_cells,
         pixel_size=pixel_size,
+        nonfinite=nonfinite,
         overwrite=overwrite,
     ) as writer:
         step = 1024
         for start in range(0, len(crops), step):
             batch = crops[start : start + step]
-            writer.append(_prepare(batch, resize_to, out_dtype))
+            writer.append(
+                _prepare(batch, resize_to, out_dtype), cell_names=obs.index[start : start + step]
+            )
+    store = writer.store
     info = {
         "source": "array",
         "n_cells": int(len(crops)),
         "channel_names": names,
         "resize_to": resize_to,
+        "n_nonfinite_values": int(store.nonfinite.get("n_values", 0)),
+        "n_nonfinite_cells": int(store.nonfinite.get("n_cells", 0)),
     }
-    return _finish(obs, writer.store, adata_path, info)
+    return _finish(obs, store, adata_path, info)
 
 
 def _prepare(batch: np.ndarray, resize_to: int | None, dtype: np.dtype) -> np.ndarray:
-    if resize_to:
-        batch = resize_crops(batch, resize_to)
-    if np.issubdtype(dtype, np.integer) and np.issubdtype(batch.dtype, np.floating):
+    """Resize crops, checking first that they fit an integer output type."""
+    if not resize_to:
+        return batch  # the writer checks values and casts
+    integer = np.issubdtype(dtype, np.integer)
+    if integer and batch.size and batch.dtype != dtype:
         info = np.iinfo(dtype)
-        batch = np.clip(np.rint(batch), info.min, info.max)
+        lo, hi = float(np.nanmin(batch)), float(np.nanmax(batch))
+        if lo < info.min or hi > info.max:
+            msg = (
+                f"Crop values span [{lo}, {hi}], outside the {dtype} range [{info.min}, "
+                f"{info.max}]. Rescale them or pass dtype='float32'."
+            )
+            raise ValueError(msg)
+    batch = resize_crops(batch, resize_to)
+    if integer:  # resampling stays within the input range: this only removes rounding error
+        info = np.iinfo(dtype)
+        batch = np.clip(batch, info.min, info.max)
     return batch
 
 
@@ -237,6 +271,8 @@ def crops_from_files(
     dtype: Any = None,
     chunk_cells: int | None = None,
     pixel_size: float | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+    nonfinite: Literal["raise", "zero"] = "raise",
     overwrite: bool = False,
     progress: bool = True,
 ) -> AnnData:
@@ -255,7 +291,7 @@ def crops_from_files(
         One name per channel.
     obs
         Per-cell annotations, one row per file in file order. By default the index is the file
-        name without extension.
+        name without extension (duplicates are made unique with a warning).
     channel_axis
         Channel axis of each file's image: ``"first"`` (C, Y, X) or ``"last"`` (Y, X, C).
     pattern
@@ -270,6 +306,13 @@ def crops_from_files(
         Cells per chunk of the store.
     pixel_size
         Pixel size in micrometres.
+    on_error
+        A file that cannot be read (corrupt or truncated): ``"raise"`` stops with an error
+        naming it; ``"skip"`` logs it and leaves its cell out (listed in
+        ``uns["import_crops"]["skipped_files"]``).
+    nonfinite
+        NaN/inf pixels: ``"raise"`` (an error naming the cells) or ``"zero"`` (set to 0 and
+        counted in ``uns["import_crops"]`` and the store attribute ``nonfinite``).
     overwrite
         Replace an existing ``crops.zarr`` / ``cells.h5ad`` in ``out``.
     progress
@@ -277,8 +320,9 @@ def crops_from_files(
 
     Returns
     -------
-    AnnData with one row per file, written to ``out/cells.h5ad``, with ``obs["source_file"]``,
-    ``obs["crop_index"]``, the store link in ``uns["crops"]`` and ``uns["import_crops"]``.
+    AnnData with one row per stored file, written to ``out/cells.h5ad``, with
+    ``obs["source_file"]``, ``obs["crop_index"]``, the store link in ``uns["crops"]`` and
+    ``uns["import_crops"]``.
 
     Examples
     --------
@@ -289,22 +333,46 @@ def crops_from_files(
     """
     from tqdm.auto import tqdm
 
+    if on_error not in ("raise", "skip"):
+        msg = f"on_error must be 'raise' or 'skip', got {on_error!r}."
+        raise ValueError(msg)
     files = _list_files(paths_or_folder, pattern)
-    names = [str(n) for n in channel_names]
+    names = check_channel_names(channel_names)
     obs = _check_obs(obs, len(files), [stem(p) for p in files])
     if "source_file" not in obs:
         obs["source_file"] = [str(p) for p in files]
-    first = to_channel_first(
-        read_image(files[0]),
-        channel_axis=channel_axis,
-        n_channels=len(names),
-        where=f"Crop file {str(files[0])!r}",
-    )
+    skipped: list[str] = []
+
+    def load(path: Path) -> np.ndarray | None:
+        try:
+            image = read_image(path)
+        except UnreadableImageError as err:
+            if on_error == "raise":
+                raise
+            logger.warning("Skipping crop file %s: %s", path, err)
+            skipped.append(str(path))
+            return None
+        return to_channel_first(
+            image,
+            channel_axis=channel_axis,
+            n_channels=len(names),
+            where=f"Crop file {str(path)!r}",
+        )
+
+    first, start = None, 0
+    while first is None and start < len(files):
+        first = load(files[start])
+        start += 1
+    start -= 1  # the first readable file
+    if first is None:
+        msg = f"None of the {len(files)} crop files could be read (e.g. {skipped[:3]})."
+        raise ValueError(msg)
     shape = first.shape[1:]
     out_dtype = _out_dtype(dtype, first.dtype)
     store_path, adata_path = _output_paths(out, overwrite)
     size = (resize_to, resize_to) if resize_to else shape
     batch: list[np.ndarray] = []
+    rows: list[int] = []
     with CropWriter(
         str(store_path),
         n_channels=len(names),
@@ -313,16 +381,21 @@ def crops_from_files(
         dtype=out_dtype,
         chunk_cells=chunk_cells,
         pixel_size=pixel_size,
+        nonfinite=nonfinite,
         overwrite=overwrite,
     ) as writer:
-        step = writer.store.chunk_cells
-        for path in tqdm(files, unit="crop", desc="Reading crops", disable=not progress):
-            image = to_channel_first(
-                read_image(path),
-                channel_axis=channel_axis,
-                n_channels=len(names),
-                where=f"Crop file {str(path)!r}",
-            )
+        step = writer.chunk_cells
+
+        def append(batch: list[np.ndarray], first_row: int) -> None:
+            writer.append(np.stack(batch), cell_names=obs.index[rows[first_row:]])
+
+        for row in tqdm(
+            range(start, len(files)), unit="crop", desc="Reading crops", disable=not progress
+        ):
+            path = files[row]
+            image = first if row == start else load(path)
+            if image is None:
+                continue
             if resize_to is None and image.shape[1:] != shape:
                 msg = (
                     f"Crop file {str(path)!r} is {image.shape[1:]} pixels but the first file is "
@@ -330,17 +403,22 @@ def crops_from_files(
                 )
                 raise ValueError(msg)
             if resize_to:
-                image = resize_crops(image[None], resize_to)[0]
+                image = _prepare(image[None], resize_to, out_dtype)[0]
             batch.append(image)
+            rows.append(row)
             if len(batch) >= step:
-                writer.append(_prepare(np.stack(batch), None, out_dtype))
+                append(batch, len(rows) - len(batch))
                 batch = []
         if batch:
-            writer.append(_prepare(np.stack(batch), None, out_dtype))
+            append(batch, len(rows) - len(batch))
+    store = writer.store
     info = {
         "source": "files",
-        "n_cells": len(files),
+        "n_cells": len(rows),
         "channel_names": names,
         "resize_to": resize_to,
+        "skipped_files": skipped,
+        "n_nonfinite_values": int(store.nonfinite.get("n_values", 0)),
+        "n_nonfinite_cells": int(store.nonfinite.get("n_cells", 0)),
     }
-    return _finish(obs, writer.store, adata_path, info)
+    return _finish(obs.iloc[rows], store, adata_path, info)

@@ -35,14 +35,43 @@ def stem(path: Path) -> str:
     return path.stem
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a TIFF/OME-TIFF (first series) or ``.npy`` image."""
-    path = os.fspath(path)
-    if path.lower().endswith(".npy"):
-        return np.load(path)
-    import tifffile
+class UnreadableImageError(OSError):
+    """An image file exists but cannot be read: corrupt, truncated or not an image."""
 
-    return tifffile.imread(path)
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a TIFF/OME-TIFF (first series) or ``.npy`` image.
+
+    Parameters
+    ----------
+    path
+        A ``.tif``/``.tiff``/``.ome.tif`` or ``.npy`` file.
+
+    Returns
+    -------
+    The pixels as an array. A file that exists but cannot be decoded (corrupt, truncated)
+    raises :class:`~mcvi_ops.io.UnreadableImageError` naming it.
+
+    Examples
+    --------
+    >>> import mcvi_ops
+    >>> image = mcvi_ops.io.read_image("tile.tif")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    try:
+        if path.lower().endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        import tifffile
+
+        return tifffile.imread(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, IndexError, KeyError, TypeError) as err:
+        msg = (
+            f"Cannot read the image file {path!r}: {type(err).__name__}: {err}. It may be corrupt "
+            "or truncated (e.g. an interrupted copy); replace it, or skip it with on_error='skip'."
+        )
+        raise UnreadableImageError(msg) from err
 
 
 def to_channel_first(
@@ -69,5 +98,3 @@ def to_channel_first(
         )
         raise ValueError(msg)
     return np.moveaxis(image, axis, 0)
-
-

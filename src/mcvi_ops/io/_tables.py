@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,8 @@ def read_cells(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
 
     Returns
     -------
-    The table, one row per cell, in file order.
+    The table, one row per cell, in file order. A warning names duplicate ids in its index
+    (e.g. from ``index_col=``); the functions that store crops make them unique.
 
     Examples
     --------
@@ -75,19 +77,48 @@ def read_cells(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
         msg = f"Cell table {str(path)!r} does not exist. Check the path."
         raise FileNotFoundError(msg)
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in (".parquet", ".pq"):
-        return pd.read_parquet(path, **kwargs)
     if suffixes and suffixes[-1] in (".gz", ".bz2", ".zip", ".xz") and len(suffixes) > 1:
         suffixes = suffixes[:-1]
-    if suffixes and suffixes[-1] in (".csv",):
-        return pd.read_csv(path, **kwargs)
-    if suffixes and suffixes[-1] in (".tsv", ".txt", ".tab"):
-        return pd.read_csv(path, sep="\t", **kwargs)
-    msg = (
-        f"Cannot read a cell table from {str(path)!r}: expected a .csv, .tsv or .parquet file. "
-        "Read it yourself with pandas and pass the DataFrame instead."
+    if suffixes and suffixes[-1] in (".parquet", ".pq"):
+        table = pd.read_parquet(path, **kwargs)
+    elif suffixes and suffixes[-1] in (".csv",):
+        table = pd.read_csv(path, **kwargs)
+    elif suffixes and suffixes[-1] in (".tsv", ".txt", ".tab"):
+        table = pd.read_csv(path, sep="\t", **kwargs)
+    else:
+        msg = (
+            f"Cannot read a cell table from {str(path)!r}: expected a .csv, .tsv or .parquet "
+            "file. Read it yourself with pandas and pass the DataFrame instead."
+        )
+        raise ValueError(msg)
+    if not table.index.is_unique:
+        duplicated = table.index[table.index.duplicated()].unique()
+        warnings.warn(
+            f"The cell table {str(path)!r} has {len(duplicated)} duplicate ids in its index, e.g. "
+            f"{[str(d) for d in duplicated[:5]]}; crops stored from it get unique ids with a "
+            "suffix ('-1', '-2', ...). Pass a unique id column as index_col to avoid this.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return table
+
+
+def unique_cell_ids(index: pd.Index | Sequence, *, what: str = "The cell table") -> pd.Index:
+    """Cell ids as unique strings; duplicates are kept, suffixed ``-1``, ``-2``, ... with a warning."""
+    ids = pd.Index([str(i) for i in index])
+    if ids.is_unique:
+        return ids
+    from anndata.utils import make_index_unique
+
+    duplicated = ids[ids.duplicated()].unique()
+    warnings.warn(
+        f"{what} has {len(duplicated)} duplicate cell ids, e.g. {list(duplicated[:5])}; they are "
+        "kept and made unique by appending '-1', '-2', ... (as AnnData does). Give each cell a "
+        "unique id (e.g. plate_well_tile_cell) to avoid this.",
+        UserWarning,
+        stacklevel=3,
     )
-    raise ValueError(msg)
+    return make_index_unique(ids)
 
 
 def as_cell_table(cells: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:

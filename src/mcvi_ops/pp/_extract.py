@@ -296,7 +296,9 @@ def extract_crops(
     if clip_percentiles is not None:
         clip_percentiles = _check_percentiles(clip_percentiles)
     if client is not None and n_jobs != 1:
-        msg = f"Pass either n_jobs (local processes) or client (a Dask cluster), got n_jobs={n_jobs}."
+        msg = (
+            f"Pass either n_jobs (local processes) or client (a Dask cluster), got n_jobs={n_jobs}."
+        )
         raise ValueError(msg)
     names = [str(n) for n in channel_names]
     workers = _n_workers(n_jobs)
@@ -497,6 +499,7 @@ def _plain_key(key: Any) -> Any:
 def _finish(
     run: RunFolder,
     table: pd.DataFrame,
+    cell_ids: pd.Index,
     group_positions: list[np.ndarray],
     y_all: np.ndarray,
     x_all: np.ndarray,
@@ -505,11 +508,16 @@ def _finish(
     n_nan: int,
 ) -> AnnData:
     """Build the AnnData of kept cells from the committed tiles, link it and write it."""
-    kept_parts, n_edge, n_missing, shapes, shifts = [], 0, 0, [], []
+    kept_parts, n_edge, n_missing, n_unreadable, shapes, shifts = [], 0, 0, 0, [], []
+    unreadable, nonfinite = [], np.zeros(2, dtype=np.int64)
     n_channels = len(params["channel_names"])
     for record, positions in zip(run.records, group_positions, strict=True):
-        if record["missing"]:
-            n_missing += len(positions)
+        if record["missing"] or record.get("unreadable"):
+            if record.get("unreadable"):
+                n_unreadable += len(positions)
+                unreadable.append([record["label"], record["unreadable"]])
+            else:
+                n_missing += len(positions)
             shapes.append([0, 0])
             shifts.append([[float("nan")] * 2] * n_channels)
             continue
@@ -524,12 +532,12 @@ def _finish(
             raise RuntimeError(msg)
         kept_parts.append(positions[keep])
         n_edge += record["n_dropped_edge"]
+        nonfinite += np.asarray(record.get("nonfinite", (0, 0)), dtype=np.int64)
         shapes.append(record["tile_shape"])
         shifts.append(record["shifts"])
     kept = np.concatenate(kept_parts) if kept_parts else np.zeros(0, dtype=np.int64)
     obs = table.iloc[kept].copy()
-    index = table.index.astype(str)
-    obs.index = index[kept] if index.is_unique else pd.Index([str(p) for p in kept])
+    obs.index = cell_ids[kept]
     obs.columns = obs.columns.astype(str)
     adata = AnnData(obs=obs)
     store = open_crops(str(run.store_path))
@@ -539,20 +547,26 @@ def _finish(
         "n_cells_in": int(len(table)),
         "n_dropped_nan": int(n_nan),
         "n_dropped_missing_tile": int(n_missing),
+        "n_dropped_unreadable_tile": int(n_unreadable),
         "n_dropped_edge": int(n_edge),
         "n_kept": int(len(kept)),
+        "n_nonfinite_values": int(nonfinite[0]),
+        "n_nonfinite_cells": int(nonfinite[1]),
         "n_tiles": len(labels),
         "tile_labels": labels,
         "tile_shapes": shapes,
         "shifts": shifts,
+        "unreadable_tiles": unreadable,
     }
     adata.write_h5ad(run.adata_path)
     logger.info(
-        "Kept %d of %d cells (%d near an edge, %d without a tile image, %d with NaN); wrote %s",
+        "Kept %d of %d cells (%d near an edge, %d without a tile image, %d in unreadable tiles, "
+        "%d with NaN); wrote %s",
         len(kept),
         len(table),
         n_edge,
         n_missing,
+        n_unreadable,
         n_nan,
         run.root,
     )

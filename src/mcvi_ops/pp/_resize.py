@@ -19,7 +19,12 @@ def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
 
 
 def cast_crops(crops: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast pixels to the output dtype, rounding and saturating for integers."""
+    """Cast pixels to the output dtype.
+
+    Processed (float) pixels are rounded and saturated to an integer type: resampling rings a
+    little past the input range. Integer pixels outside the target range raise: clipping them
+    would silently change the data.
+    """
     if crops.dtype == dtype:
         return crops
     if np.issubdtype(dtype, np.integer):
@@ -28,9 +33,12 @@ def cast_crops(crops: np.ndarray, dtype: np.dtype) -> np.ndarray:
             crops = np.rint(crops)
             np.maximum(crops, info.min, out=crops)
             np.minimum(crops, info.max, out=crops)
-        else:
-            crops = np.clip(crops, info.min, info.max)
+        elif crops.size and (int(crops.min()) < info.min or int(crops.max()) > info.max):
+            msg = (
+                f"{crops.dtype} pixels span [{crops.min()}, {crops.max()}], outside the {dtype} "
+                f"range [{info.min}, {info.max}] of the crops. Pass dtype='float32', or enable "
+                "clipping (clip_percentiles) to bring outliers into range."
+            )
+            raise ValueError(msg)
         return crops.astype(dtype)
     return crops.astype(dtype)
-
-

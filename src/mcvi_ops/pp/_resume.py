@@ -1,10 +1,13 @@
 """The output folder of :func:`extract_crops`: crop store, AnnData and a resumable run log.
 
-Tiles are written to the store strictly in tile order. After a tile's crops are in the store, one
-JSON line describing the tile is appended to ``extract_log.jsonl`` and flushed to disk: that line
-commits the tile. A rerun with the same parameters and table reads the log, keeps the committed
-tiles, cuts the store back to the rows they own (dropping rows of a tile whose line was never
-written) and carries on with the next tile, so the result is identical to an uninterrupted run.
+Tiles are written to the store strictly in tile order, through :class:`~mcvi_ops.data.CropWriter`
+(the only writer of the store format). Once a tile's crops are on disk, one JSON line describing
+the tile is appended to ``extract_log.jsonl`` and flushed: that line commits the tile. A rerun
+with the same parameters and table reads the log, reopens the store with ``resume_at`` set to the
+committed rows (dropping rows of tiles whose line was never written) and carries on with the next
+tile, so the result is identical to an uninterrupted run. The store's lock file is held for the
+whole run, so a second run on the same folder (or ``overwrite=True`` in another process) stops
+with an error instead of deleting crops being written.
 """
 
 from __future__ import annotations
@@ -13,23 +16,21 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from mcvi_ops.data import CropWriter
-from mcvi_ops.data._store import ARRAY_NAME
+from mcvi_ops.data._store import IncompleteStoreError, StoreLock, open_crops
 
 logger = logging.getLogger(__name__)
 
 STORE_NAME = "crops.zarr"
 ADATA_NAME = "cells.h5ad"
 LOG_NAME = "extract_log.jsonl"
-LOG_VERSION = 1
+LOG_VERSION = 2  # 2: tile records carry source fingerprints, unreadable tiles, nonfinite counts
 
 
 def table_fingerprint(table: pd.DataFrame, columns: list[str]) -> str:
@@ -41,7 +42,7 @@ def table_fingerprint(table: pd.DataFrame, columns: list[str]) -> str:
 
 
 class RunFolder:
-    """Owns ``out/``: creates or resumes the store and the log, appends committed tiles."""
+    """Owns ``out/``: locks it, creates or resumes the store and the log, commits tiles."""
 
     def __init__(self, out: str | os.PathLike, header: dict[str, Any], *, overwrite: bool) -> None:
         self.root = Path(out).expanduser().resolve()
@@ -49,22 +50,27 @@ class RunFolder:
         self.log_path = self.root / LOG_NAME
         self.adata_path = self.root / ADATA_NAME
         self.header = {"kind": "header", "version": LOG_VERSION, **header}
-        if overwrite:
-            self._remove_outputs()
-        self.records: list[dict[str, Any]] = self._read_log()
-        self.resumed = bool(self.records) or self.log_path.exists()
+        self.overwrite = overwrite
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = StoreLock(str(self.store_path)).acquire()
+        try:
+            if overwrite:  # the store itself is replaced by CropWriter(overwrite=True)
+                for path in (self.adata_path, self.log_path):
+                    path.unlink(missing_ok=True)
+            self.records: list[dict[str, Any]] = self._read_log()
+        except BaseException:
+            self._lock.release()
+            raise
+        self.resumed = self.log_path.exists()
+
+    def release(self) -> None:
+        """Release the store's lock (at the end of the run, finished or not)."""
+        self._lock.release()
 
     # --- setup --------------------------------------------------------------------------
-    def _remove_outputs(self) -> None:
-        for path in (self.store_path, self.adata_path, self.log_path):
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-
     def _read_log(self) -> list[dict[str, Any]]:
         if not self.log_path.exists():
-            if self.store_path.exists() or self.adata_path.exists():
+            if not self.overwrite and (self.store_path.exists() or self.adata_path.exists()):
                 msg = (
                     f"{self.root} already holds crops ({STORE_NAME} or {ADATA_NAME}) but no "
                     f"{LOG_NAME}, so the run cannot be resumed. Pass overwrite=True (--overwrite) "
@@ -101,63 +107,57 @@ class RunFolder:
             records.append(record)
         return records
 
-    def open_store(
-        self,
-        *,
-        n_channels: int,
-        crop_size: int,
-        channel_names: list[str],
-        dtype: np.dtype,
-        chunk_cells: int | None,
-        pixel_size: float | None,
-    ) -> zarr.Array:
-        """Create the store (fresh run) or cut it back to the committed rows (resumed run)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        if not self.resumed or not self.store_path.exists():
-            self.records = []
-            CropWriter(
-                str(self.store_path),
-                n_channels=n_channels,
-                crop_size=crop_size,
-                channel_names=channel_names,
-                dtype=dtype,
-                chunk_cells=chunk_cells,
-                pixel_size=pixel_size,
-                attrs={"source": "mcvi_ops.pp.extract_crops"},
-                overwrite=True,
-            ).close()
-            self._rewrite_log()
-        array = zarr.open_group(str(self.store_path), mode="r+")[ARRAY_NAME]
-        committed = self.records[-1]["stop"] if self.records else 0
-        if array.shape[0] < committed:
-            msg = (
-                f"The crop store {self.store_path} has {array.shape[0]} rows but its log commits "
-                f"{committed}; it was changed outside extract_crops. Pass overwrite=True."
-            )
-            raise RuntimeError(msg)
-        self._truncate(array, committed)
-        self._rewrite_log()
-        if self.records:
-            logger.info(
-                "Resuming in %s: %d tiles (%d crops) already done.",
-                self.root,
-                len(self.records),
-                committed,
-            )
-        return array
+    @property
+    def committed(self) -> int:
+        """Number of crops of the committed tiles."""
+        return int(self.records[-1]["stop"]) if self.records else 0
 
-    @staticmethod
-    def _truncate(array: zarr.Array, n_rows: int) -> None:
-        """Cut the array to ``n_rows``, leaving no stale rows inside the last partial chunk."""
-        if array.shape[0] == n_rows:
+    def store_complete(self) -> bool:
+        """Whether the store is finished and holds exactly the committed crops."""
+        try:
+            return open_crops(str(self.store_path)).n_cells == self.committed
+        except (FileNotFoundError, IncompleteStoreError, ValueError):
+            return False
+
+    def rollback(self, n_tiles: int, reason: str) -> None:
+        """Forget committed tiles from ``n_tiles`` on, so they are cropped again."""
+        if n_tiles >= len(self.records):
             return
-        chunk = int(array.chunks[0])
-        chunk_start = (n_rows // chunk) * chunk
-        tail = array[chunk_start:n_rows]
-        array.resize((chunk_start, *array.shape[1:]))  # drops the partial chunk entirely
-        array.resize((n_rows, *array.shape[1:]))
-        if len(tail):
-            array[chunk_start:n_rows] = tail
+        logger.warning(
+            "%s; cropping again from that tile on (%d of %d finished tiles kept).",
+            reason,
+            n_tiles,
+            len(self.records),
+        )
+        self.records = self.records[:n_tiles]
+        self._rewrite_log()
+
+    def open_writer(self, **layout: Any) -> CropWriter:
+        """Create the store (fresh run) or reopen it at the committed rows (resumed run).
+
+        ``layout`` holds the :class:`~mcvi_ops.data.CropWriter` arguments (channels, crop size,
+        dtype, ...). Non-finite counts of committed tiles are carried over.
+        """
+        path = str(self.store_path)
+        if self.resumed and self.store_path.exists():
+            writer = CropWriter(path, resume_at=self.committed, **layout)
+            if self.records:
+                logger.info(
+                    "Resuming in %s: %d tiles (%d crops) already done.",
+                    self.root,
+                    len(self.records),
+                    self.committed,
+                )
+        else:
+            self.records = []
+            writer = CropWriter(
+                path, attrs={"source": "mcvi_ops.pp.extract_crops"}, overwrite=True, **layout
+            )
+        for record in self.records:
+            writer.add_nonfinite_counts(*record.get("nonfinite", (0, 0)))
+        self._rewrite_log()
+        self.resumed = True
+        return writer
 
     def _rewrite_log(self) -> None:
         tmp = self.log_path.with_suffix(".tmp")
@@ -169,13 +169,18 @@ class RunFolder:
         os.replace(tmp, self.log_path)
 
     # --- running ------------------------------------------------------------------------
-    def commit(self, array: zarr.Array, crops: np.ndarray, record: dict[str, Any]) -> None:
-        """Append one tile's crops to the store, then commit the tile in the log."""
-        start = self.records[-1]["stop"] if self.records else 0
-        stop = start + len(crops)
-        if len(crops):
-            array.resize((stop, *array.shape[1:]))
-            array[start:stop] = crops
+    def commit(self, writer: CropWriter, crops: np.ndarray, record: dict[str, Any]) -> None:
+        """Append one tile's crops through the writer, flush them, then commit the tile."""
+        start = self.committed
+        writer.append(crops)
+        writer.flush()
+        self.commit_record(record, start, start + len(crops))
+
+    def commit_record(self, record: dict[str, Any], start: int, stop: int) -> None:
+        """Commit a tile whose rows ``[start, stop)`` are on disk (written by any process)."""
+        if start != self.committed:
+            msg = f"Tile {record.get('label')} starts at row {start}, expected {self.committed}."
+            raise RuntimeError(msg)
         record = {
             "kind": "tile",
             "index": len(self.records),

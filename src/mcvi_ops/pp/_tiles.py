@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from mcvi_ops.io._images import (
-    IMAGE_SUFFIXES,
-    ChannelAxis,
-    MissingTileError,
+    UnreadableImageError,
     image_files,
     read_image,
     stem,
@@ -25,6 +24,7 @@ from ._align import align_channels, clip_percentiles
 from ._resize import cast_crops, resize_crops
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TileTask:
@@ -37,6 +37,7 @@ class TileTask:
     positions: np.ndarray  # row positions of the tile's cells in the table
     y: np.ndarray
     x: np.ndarray
+    cell_ids: list[str] = field(default_factory=list)  # ids of the tile's cells, for errors
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -45,13 +46,16 @@ class TileResult:
     """Crops of one tile, and what happened to its cells."""
 
     index: int
-    crops: np.ndarray
-    kept: np.ndarray  # table row positions, in table order
-    centres: np.ndarray  # (n_kept, 2) rounded centroid (row, column) in the tile
+    crops: np.ndarray | None  # None once written to a spill file
+    n_crops: int
     n_dropped_edge: int
     missing: bool
     shifts: list[list[float]]
     tile_shape: list[int]
+    unreadable: str | None = None  # why the image could not be read (on_error="skip")
+    nonfinite: tuple[int, int] = (0, 0)  # NaN/inf pixels zeroed inside crops, cells holding them
+    fingerprint: dict[str, Any] | None = None  # what was read, to notice later changes
+    spill: str | None = None  # .npy file holding the crops (parallel runs)
 
 
 def tile_label(names: Sequence[str], key: Any) -> str:
@@ -62,10 +66,39 @@ def tile_label(names: Sequence[str], key: Any) -> str:
     return ", ".join(f"{n}={v!r}" for n, v in zip(names, values, strict=True))
 
 
-def resolve_sources(tiles: Any, names: Sequence[str], keys: list[Any]) -> tuple[list[Any], str]:
+def _template_folder(template: str) -> str:
+    """The folder a path template's fixed part points into (its text before the first brace)."""
+    head = template.split("{", 1)[0]
+    folder = head if head.endswith(("/", os.sep)) else os.path.dirname(head)
+    return os.path.normpath(os.path.abspath(folder or "."))
+
+
+def _check_inside(template: str, fields: dict[str, Any], path: str, row: Any) -> None:
+    """A tile path filled from the cell table must stay inside the template's folder."""
+    folder = _template_folder(template)
+    target = os.path.normpath(os.path.abspath(path))
+    bad = [
+        f"{name}={value!r}"
+        for name, value in fields.items()
+        if os.path.isabs(str(value)) or ".." in Path(str(value)).parts
+    ]
+    if bad or os.path.commonpath([folder, target]) != folder:
+        msg = (
+            f"Row {row!r} of the cell table fills the tile path template {template!r} with "
+            f"{', '.join(bad) or fields} to {path!r}, which reaches outside the tile folder "
+            f"{folder!r}. Tile key values must be plain names, not absolute paths or '..'; fix "
+            "that row or put the folder into the template."
+        )
+        raise ValueError(msg)
+
+
+def resolve_sources(
+    tiles: Any, names: Sequence[str], keys: list[Any], rows: Sequence[Any] | None = None
+) -> tuple[list[Any], str]:
     """Find the image source of every tile key; `None` marks a tile without an image.
 
-    Returns the sources and a description of how tiles were given.
+    ``rows`` names a cell-table row of each tile, for errors. Returns the sources and a
+    description of how tiles were given.
     """
     if isinstance(tiles, np.ndarray):
         if len(keys) != 1:
@@ -84,11 +117,11 @@ def resolve_sources(tiles: Any, names: Sequence[str], keys: list[Any]) -> tuple[
         text = os.fspath(tiles)
         if "{" in text:
             sources = []
-            for key in keys:
+            for i, key in enumerate(keys):
                 values = key if isinstance(key, tuple) else (key,)
                 fields = dict(zip(names, values, strict=True))
                 try:
-                    path = Path(text.format(**fields))
+                    filled = text.format(**fields)
                 except (KeyError, IndexError) as err:
                     msg = (
                         f"The tile path template {text!r} uses a field {err} that is not a tile "
@@ -96,6 +129,8 @@ def resolve_sources(tiles: Any, names: Sequence[str], keys: list[Any]) -> tuple[
                         "braces, or set `tile_key=`."
                     )
                     raise KeyError(msg) from err
+                _check_inside(text, fields, filled, rows[i] if rows is not None else key)
+                path = Path(filled)
                 sources.append(str(path) if path.exists() else None)
             return sources, "template"
         path = Path(text)
@@ -142,9 +177,34 @@ def resolve_sources(tiles: Any, names: Sequence[str], keys: list[Any]) -> tuple[
     raise TypeError(msg)
 
 
+def _is_loader(source: Any) -> bool:
+    return isinstance(source, tuple) and len(source) == 2 and callable(source[0])
+
+
+def source_fingerprint(source: Any) -> dict[str, Any] | None:
+    """Identify a tile image so that a resumed run notices when it changed.
+
+    Size and modification time of a file, a hash of an array; `None` for a loader (whose image
+    is only known by calling it).
+    """
+    if _is_loader(source):
+        return None
+    if source is None:
+        return {"missing": True}
+    if isinstance(source, str | os.PathLike):
+        try:
+            stat = os.stat(source)
+        except FileNotFoundError:
+            return {"missing": True}
+        return {"path": os.fspath(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    array = np.ascontiguousarray(source)
+    digest = hashlib.blake2b(array.view(np.uint8).reshape(-1), digest_size=16).hexdigest()
+    return {"blake2b": digest, "shape": list(array.shape), "dtype": str(array.dtype)}
+
+
 def _load(task: TileTask) -> np.ndarray | None:
     source = task.source
-    if isinstance(source, tuple) and len(source) == 2 and callable(source[0]):
+    if _is_loader(source):
         loader, key = source
         try:
             source = loader(key)
@@ -158,6 +218,63 @@ def _load(task: TileTask) -> np.ndarray | None:
             return None
         return read_image(source)
     return np.asarray(source)
+
+
+def window_counts(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:
+    """Number of true pixels of a ``(height, width)`` count image inside each crop window."""
+    table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = mask.cumsum(0).cumsum(1)
+    half = size // 2
+    top = np.clip(rows - half, 0, mask.shape[0])
+    bottom = np.clip(rows - half + size, 0, mask.shape[0])
+    left = np.clip(cols - half, 0, mask.shape[1])
+    right = np.clip(cols - half + size, 0, mask.shape[1])
+    return table[bottom, right] - table[top, right] - table[bottom, left] + table[top, left]
+
+
+def _check_values(
+    task: TileTask, image: np.ndarray, rows: np.ndarray, cols: np.ndarray, ids: list[str]
+) -> tuple[np.ndarray, int, int]:
+    """Catch NaN/inf pixels and values that float32 processing cannot hold.
+
+    NaN/inf raise (naming the cells whose crops hold them) or are zeroed here, before alignment
+    and clipping would spread them over the whole tile.
+    """
+    p, where = task.params, f"Tile {task.label}"
+    n_values = n_cells = 0
+    if image.dtype.kind == "f":
+        finite = np.isfinite(image)
+        if not finite.all():
+            counts = window_counts((~finite).sum(axis=0), rows, cols, p["crop_size"])
+            hit = np.flatnonzero(counts)
+            n_values, n_cells = int(counts.sum()), len(hit)
+            if p["nonfinite"] == "raise":
+                cells = [ids[i] for i in hit[:5]] if ids else hit[:5].tolist()
+                msg = (
+                    f"{where} holds {int(finite.size - finite.sum())} NaN or infinite pixels, "
+                    f"{n_values} of them inside the crops of {n_cells} cells (e.g. {cells}); they "
+                    "would spread through alignment and clipping. Fix the image, or pass "
+                    "nonfinite='zero' to set them to 0 (counted in the store attributes)."
+                )
+                raise ValueError(msg)
+            image = np.where(finite, image, image.dtype.type(0))
+        if image.dtype.itemsize > 4 and np.abs(image).max() > np.finfo(np.float32).max:
+            msg = (
+                f"{where} holds float64 values beyond the float32 range (|x| > 3.4e38), which "
+                "would become infinite. Rescale the image."
+            )
+            raise ValueError(msg)
+    elif image.dtype.itemsize >= 4 and image.size:
+        processed = p["align"] or p["clip_percentiles"] is not None or p["resize_to"]
+        if (processed or p["dtype"] == "float32") and max(
+            abs(int(image.min())), abs(int(image.max()))
+        ) > 2**24:
+            msg = (
+                f"{where} holds {image.dtype} values beyond 2**24 = {2**24}, which float32 "
+                "processing cannot hold exactly. Rescale the image (e.g. to uint16)."
+            )
+            raise ValueError(msg)
+    return image, n_values, n_cells
 
 
 def crop_windows(
@@ -195,12 +312,21 @@ def _process_tile(task: TileTask) -> TileResult:
     p = task.params
     crop_size, out_size = p["crop_size"], p["resize_to"] or p["crop_size"]
     n_channels, dtype = p["n_channels"], np.dtype(p["dtype"])
-    empty = np.zeros((0, n_channels, out_size, out_size), dtype=dtype)
-    image = _load(task)
+    fingerprint = source_fingerprint(task.source)
+    try:
+        image = _load(task)
+    except UnreadableImageError as err:
+        if p.get("on_error", "raise") == "skip":
+            logger.warning("Skipping tile %s: %s", task.label, err)
+            empty = np.zeros((0, n_channels, out_size, out_size), dtype=dtype)
+            return TileResult(
+                task.index, empty, 0, 0, False, [], [], str(err), fingerprint=fingerprint
+            )
+        msg = f"Tile {task.label}: {err}"
+        raise UnreadableImageError(msg) from err
     if image is None:
-        return TileResult(
-            task.index, empty, task.positions[:0], np.zeros((0, 2), np.int64), 0, True, [], []
-        )
+        empty = np.zeros((0, n_channels, out_size, out_size), dtype=dtype)
+        return TileResult(task.index, empty, 0, 0, True, [], [], fingerprint=fingerprint)
     image = to_channel_first(
         image, channel_axis=p["channel_axis"], n_channels=n_channels, where=f"Tile {task.label}"
     )
@@ -217,6 +343,9 @@ def _process_tile(task: TileTask) -> TileResult:
     keep = (
         (rows >= margin) & (cols >= margin) & (height - rows >= margin) & (width - cols >= margin)
     )
+    rows, cols = rows[keep], cols[keep]
+    ids = [task.cell_ids[i] for i in np.flatnonzero(keep)] if task.cell_ids else []
+    image, n_values, n_cells = _check_values(task, image, rows, cols, ids)
     if p["align"]:
         image, shifts = align_channels(
             image, reference_channel=p["reference_channel"], upsample_factor=p["upsample_factor"]
@@ -228,17 +357,18 @@ def _process_tile(task: TileTask) -> TileResult:
     if p["clip_percentiles"] is not None:
         image = clip_percentiles(image, p["clip_percentiles"], copy=False)
     if p["resize_to"]:
-        crops = resize_crops(crop_windows(image, rows[keep], cols[keep], crop_size), out_size)
+        crops = resize_crops(crop_windows(image, rows, cols, crop_size), out_size)
         crops = cast_crops(crops, dtype)
     else:  # cast the tile once: cheaper than casting overlapping crops
-        crops = crop_windows(cast_crops(image, dtype), rows[keep], cols[keep], crop_size)
+        crops = crop_windows(cast_crops(image, dtype), rows, cols, crop_size)
     return TileResult(
         index=task.index,
         crops=crops,
-        kept=task.positions[keep],
-        centres=np.stack([rows[keep], cols[keep]], axis=1),
+        n_crops=len(crops),
         n_dropped_edge=int((~keep).sum()),
         missing=False,
         shifts=np.round(shifts, 4).tolist(),
         tile_shape=[int(height), int(width)],
+        nonfinite=(n_values, n_cells),
+        fingerprint=fingerprint,
     )
