@@ -117,6 +117,28 @@ def eh() -> tuple[np.ndarray, pd.DataFrame]:
     return examplehuman()
 
 
+@pytest.fixture(scope="session")
+def eh_crops(eh) -> tuple[np.ndarray, pd.DataFrame]:
+    """Real 40 px crops (cells, 3, 40, 40) around the ExampleHuman nuclei, and their table rows.
+
+    Only nuclei whose rounded centroid lies at least 20 px inside the field are kept (262 of
+    289), in table order; the crops are read-only since the fixture is shared.
+    """
+    image, cells = eh
+    rows = np.floor(cells["Nuclei_Location_Center_Y"].to_numpy() + 0.5).astype(int)
+    cols = np.floor(cells["Nuclei_Location_Center_X"].to_numpy() + 0.5).astype(int)
+    half, (height, width) = 20, image.shape[1:]
+    ok = (rows >= half) & (cols >= half) & (rows <= height - half) & (cols <= width - half)
+    crops = np.stack(
+        [
+            image[:, r - half : r + half, c - half : c + half]
+            for r, c in zip(rows[ok], cols[ok], strict=True)
+        ]
+    )
+    crops.flags.writeable = False
+    return crops, cells[ok].reset_index(drop=True)
+
+
 @pytest.fixture
 def tiles(tmp_path) -> tuple[str, pd.DataFrame, dict]:
     """Three real tiles as TIFFs, a path template and a Funk-style cell table."""

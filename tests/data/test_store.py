@@ -13,8 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zarr.storage import MemoryStore
 
-from mcvi_ops.data import CropStore, CropWriter, open_crops, write_crops
-from mcvi_ops.data._store import IncompleteStoreError, StoreLockedError, write_chunk
+from mcvi_ops.data import (
+    CropStore,
+    CropWriter,
+    IncompleteStoreError,
+    StoreLockedError,
+    open_crops,
+    write_crops,
+)
+from mcvi_ops.data._writer import write_chunk
 
 CHANNELS = ["DAPI", "tubulin", "gH2AX", "phalloidin"]
 

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import anndata as ad
+import dask.array as da
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+import zarr
 
 from mcvi_ops.data import get_crops
 from mcvi_ops.io import crops_from_array, crops_from_files
@@ -12,19 +15,10 @@ from mcvi_ops.io._images import UnreadableImageError
 
 
 @pytest.fixture(scope="module")
-def real_crops(eh):
-    """Real 3-channel 40 px crops around ExampleHuman nuclei (own 'segmentation')."""
-    image, cells = eh
-    rows = np.floor(cells["Nuclei_Location_Center_Y"].to_numpy() + 0.5).astype(int)
-    cols = np.floor(cells["Nuclei_Location_Center_X"].to_numpy() + 0.5).astype(int)
-    ok = (rows >= 20) & (cols >= 20) & (rows <= 492) & (cols <= 492)
-    crops = np.stack(
-        [
-            image[:, r - 20 : r + 20, c - 20 : c + 20]
-            for r, c in zip(rows[ok], cols[ok], strict=True)
-        ]
-    )
-    return crops[:50], cells[ok].iloc[:50].reset_index(drop=True)
+def real_crops(eh_crops):
+    """The first 50 real 40 px ExampleHuman crops and their cell table rows."""
+    crops, cells = eh_crops
+    return crops[:50], cells.iloc[:50]
 
 
 def test_crops_from_array_first_and_last(real_crops, tmp_path, channels):
@@ -144,3 +138,66 @@ def test_crops_from_files_skips_a_corrupt_file(real_crops, tmp_path, channels, c
     assert adata.uns["import_crops"]["skipped_files"] == [str(broken)]
     np.testing.assert_array_equal(get_crops(adata), crops[1:6])
     assert "Skipping crop file" in caplog.text
+
+
+class CountingDataset:
+    """An h5py dataset that records the key of every read."""
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self.dataset, self.reads = dataset, []
+        self.shape, self.dtype, self.ndim = dataset.shape, dataset.dtype, dataset.ndim
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.dataset[key]
+
+
+def test_crops_from_array_reads_lazy_arrays_chunk_by_chunk(real_crops, tmp_path, channels):
+    crops, _ = real_crops
+    with h5py.File(tmp_path / "crops.h5", "w") as handle:
+        handle["crops"] = crops.transpose(0, 2, 3, 1)
+    with h5py.File(tmp_path / "crops.h5", "r") as handle:
+        counting = CountingDataset(handle["crops"])
+        adata = crops_from_array(
+            counting,
+            tmp_path / "h5",
+            channel_names=channels,
+            channel_axis="last",
+            chunk_cells=16,
+            progress=False,
+        )
+        direct = crops_from_array(
+            handle["crops"], tmp_path / "h5py", channel_names=channels, channel_axis="last"
+        )
+    # one read per store chunk, never the whole dataset
+    assert counting.reads == [slice(0, 16), slice(16, 32), slice(32, 48), slice(48, 64)]
+    np.testing.assert_array_equal(get_crops(adata), crops)
+    np.testing.assert_array_equal(get_crops(direct), crops)
+    for name, lazy in {
+        "zarr": zarr.array(crops, chunks=(7, 3, 40, 40)),
+        "dask": da.from_array(crops, chunks=(9, 3, 40, 40)),
+    }.items():
+        stored = crops_from_array(lazy, tmp_path / name, channel_names=channels, progress=False)
+        np.testing.assert_array_equal(get_crops(stored), crops)
+    one = crops_from_array(
+        zarr.array(crops[:, 1]), tmp_path / "one", channel_names=["PH3"], progress=False
+    )
+    np.testing.assert_array_equal(get_crops(one), crops[:, 1:2])
+
+
+def test_pandas_string_columns_are_written(real_crops, tmp_path, channels):
+    """pandas 3 makes text columns string arrays, which anndata writes only when told to."""
+    crops, _ = real_crops
+    text = pd.StringDtype(na_value=np.nan)  # pandas 3's default "str" dtype
+    obs = pd.DataFrame(
+        {
+            "gene": pd.array(["A", "B"] * 25, dtype="string"),
+            "barcode": pd.array([f"bc{i}" for i in range(50)], dtype=text),
+        },
+        index=pd.Index([f"c{i}" for i in range(50)], dtype=text),
+    )
+    crops_from_array(crops, tmp_path / "a", channel_names=channels, obs=obs, progress=False)
+    back = ad.read_h5ad(tmp_path / "a" / "cells.h5ad")
+    assert list(back.obs_names) == list(obs.index)
+    assert list(back.obs["barcode"]) == list(obs["barcode"])
+    assert list(back.obs["gene"]) == list(obs["gene"])

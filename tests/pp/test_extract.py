@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -11,8 +12,7 @@ import tifffile
 from scipy import ndimage
 from skimage.measure import regionprops
 
-from mcvi_ops.data import get_crops, open_crops
-from mcvi_ops.data._store import IncompleteStoreError
+from mcvi_ops.data import IncompleteStoreError, get_crops, open_crops
 from mcvi_ops.io import MissingTileError, read_cells
 from mcvi_ops.io._images import UnreadableImageError
 from mcvi_ops.pp import align_channels, extract_crops
@@ -189,6 +189,41 @@ def test_funk_preset_and_tile_order(tiles, tmp_path, channels):
         rows = adata.obs.index[tiles_seen == tile].astype(int)
         assert (np.diff(rows) > 0).all()
     assert info["n_kept"] == adata.n_obs
+
+
+def test_categorical_tile_keys_crop_like_plain_ones(tiles, tmp_path, channels):
+    """Categorical key columns (an h5ad's obs) sort by value, skip unused categories, warn not."""
+    template, table, _ = tiles
+    kwargs = {"channel_names": channels, "align": False, "progress": False}
+    plain = extract_crops(template, table, tmp_path / "plain", **kwargs)
+    categorical = table.astype(
+        {"well": pd.CategoricalDtype(["B2", "A1"]), "tile": pd.CategoricalDtype([9, 2, 1, 0])}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # pandas' groupby `observed` deprecation
+        adata = extract_crops(template, categorical, tmp_path / "categorical", **kwargs)
+    info, expected = adata.uns["extract_crops"], plain.uns["extract_crops"]
+    assert info["tile_labels"] == expected["tile_labels"]
+    assert info["n_tiles"] == 3  # no tile for the unused categories
+    assert list(adata.obs_names) == list(plain.obs_names)
+    np.testing.assert_array_equal(get_crops(adata), get_crops(plain))
+
+
+def test_pandas_string_columns_are_written(tiles, tmp_path, channels):
+    """pandas 3 makes text columns string arrays, which anndata writes only when told to."""
+    template, table, _ = tiles
+    text = pd.StringDtype(na_value=np.nan)  # pandas 3's default "str" dtype
+    table = table.assign(barcode=[f"bc{i}" for i in range(len(table))]).astype(
+        {"well": text, "gene_symbol_0": "string", "barcode": text}
+    )
+    table.index = pd.Index([f"cell{i}" for i in table.index], dtype=text)
+    adata = extract_crops(
+        template, table, tmp_path, channel_names=channels, align=False, progress=False
+    )
+    back = ad.read_h5ad(tmp_path / "cells.h5ad")
+    assert list(back.obs_names) == list(adata.obs_names)
+    assert list(back.obs["barcode"]) == list(table.loc[adata.obs_names, "barcode"])
+    assert list(back.obs["gene_symbol_0"]) == list(table.loc[adata.obs_names, "gene_symbol_0"])
 
 
 def test_n_jobs_2_equals_1(tiles, tmp_path, channels, same_store):

@@ -18,9 +18,13 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mcvi_ops.data import get_crops, linked_store, open_crops
-from mcvi_ops.data._link import StoreChangedError
-from mcvi_ops.data._store import StoreLockedError
+from mcvi_ops.data import (
+    StoreChangedError,
+    StoreLockedError,
+    get_crops,
+    linked_store,
+    open_crops,
+)
 from mcvi_ops.pp import extract_crops
 from mcvi_ops.pp._resume import RunFolder
 
@@ -182,7 +186,7 @@ def test_incomplete_store_with_every_tile_committed_is_finished(screen, loader, 
     images, table, reference, _ = screen
     out = tmp_path / "run"
     kwargs = {"channel_names": ["a", "b"], "chunk_cells": 5, **FAST}
-    with mock.patch("mcvi_ops.data._store.CropWriter.close", side_effect=RuntimeError("killed")):
+    with mock.patch("mcvi_ops.data._writer.CropWriter.close", side_effect=RuntimeError("killed")):
         with pytest.raises(RuntimeError, match="killed"):
             extract_crops(loader(images), table, out, **kwargs)
     assert not open_crops(out / "crops.zarr", allow_incomplete=True).complete

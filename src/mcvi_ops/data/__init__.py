@@ -5,14 +5,19 @@ The fields load scvi-tools on first use; the store and links need only zarr and 
 
 from mcvi_ops._lazy import lazy_getattr
 
-from ._link import get_crops, link_crops, linked_store
-from ._store import CropStore, CropWriter, open_crops, write_crops
+from ._link import StoreChangedError, get_crops, link_crops, linked_store
+from ._lock import StoreLockedError
+from ._store import CropStore, IncompleteStoreError, open_crops
+from ._writer import CropWriter, write_crops
 
 __all__ = [
     "CropStore",
     "CropWriter",
     "ImageField",
+    "IncompleteStoreError",
     "PerturbationField",
+    "StoreChangedError",
+    "StoreLockedError",
     "get_crops",
     "link_crops",
     "linked_store",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Any
 
+import anndata
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -242,3 +245,20 @@ def get_crops(adata: AnnData, rows: Any = None, *, uns_key: str = UNS_KEY) -> np
         else:
             positions = rows_arr
     return linked_store(adata, uns_key=uns_key).take(indices[positions])
+
+
+def write_h5ad(adata: AnnData, path: str | os.PathLike) -> None:
+    """Write ``adata`` to ``path`` as ``.h5ad``, also when its columns hold pandas strings.
+
+    With pandas 3 (or ``future.infer_string``) text columns and indices are pandas string
+    arrays, which anndata 0.11+ writes only with ``anndata.settings.allow_write_nullable_strings``
+    on; it is switched on for this write only, when the installed anndata has it.
+    """
+    settings = anndata.settings
+    allow = (
+        settings.override(allow_write_nullable_strings=True)
+        if hasattr(settings, "allow_write_nullable_strings")
+        else contextlib.nullcontext()
+    )
+    with allow:
+        adata.write_h5ad(path)

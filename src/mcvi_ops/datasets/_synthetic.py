@@ -13,7 +13,8 @@ from anndata import AnnData
 
 from mcvi_ops._constants import UNS
 from mcvi_ops.data._link import link_crops
-from mcvi_ops.data._store import CropStore, CropWriter
+from mcvi_ops.data._store import CropStore
+from mcvi_ops.data._writer import CropWriter
 
 from ._phenotypes import (
     BASE_MITOTIC_FRACTION,

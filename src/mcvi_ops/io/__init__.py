@@ -1,17 +1,24 @@
-"""Readers and writers of outside formats: cell tables, images, and crops made elsewhere."""
+"""Readers of outside formats: cell tables, images, crops made elsewhere, brieflow, scPortrait."""
 
 from mcvi_ops._lazy import lazy_getattr
 
+from ._brieflow import read_brieflow
+from ._crop_folder import read_crop_folder
 from ._from_crops import crops_from_array, crops_from_files
-from ._images import MissingTileError, read_image
+from ._images import MissingTileError, UnreadableImageError, read_image
+from ._scportrait import read_scportrait
 from ._tables import read_cells
 
 __all__ = [
     "MissingTileError",
+    "UnreadableImageError",
     "crops_from_array",
     "crops_from_files",
+    "read_brieflow",
     "read_cells",
+    "read_crop_folder",
     "read_image",
+    "read_scportrait",
 ]
 
 __getattr__ = lazy_getattr(

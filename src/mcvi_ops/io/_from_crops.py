@@ -14,7 +14,8 @@ from anndata import AnnData
 
 from mcvi_ops._constants import UNS
 from mcvi_ops.data import CropWriter, link_crops
-from mcvi_ops.data._store import check_channel_names
+from mcvi_ops.data._link import write_h5ad
+from mcvi_ops.data._writer import check_channel_names
 from mcvi_ops.pp._resize import resize_crops
 from mcvi_ops.pp._resume import ADATA_NAME, STORE_NAME
 
@@ -78,12 +79,19 @@ def _finish(obs: pd.DataFrame, store, adata_path: Path, info: dict[str, Any]) ->
     adata = AnnData(obs=obs)
     link_crops(adata, store)
     adata.uns[UNS_KEY] = info
-    adata.write_h5ad(adata_path)
+    write_h5ad(adata, adata_path)
     return adata
 
 
+def _as_array_like(crops: Any) -> Any:
+    """``crops`` itself when it can be sliced lazily (NumPy, h5py, zarr, dask), else an array."""
+    if all(hasattr(crops, name) for name in ("shape", "dtype", "ndim", "__getitem__")):
+        return crops
+    return np.asarray(crops)
+
+
 def crops_from_array(
-    crops: np.ndarray,
+    crops: Any,
     out: str | os.PathLike,
     *,
     channel_names: Sequence[str],
@@ -95,17 +103,21 @@ def crops_from_array(
     pixel_size: float | None = None,
     nonfinite: Literal["raise", "zero"] = "raise",
     overwrite: bool = False,
+    progress: bool = True,
 ) -> AnnData:
-    """Store crops you already have (an in-memory array) as a crop store with an AnnData.
+    """Store crops you already have (an array, in memory or on disk) as a crop store with an AnnData.
 
-    Use this when your own segmentation and cropping pipeline produced the crops.
+    Use this when your own segmentation and cropping pipeline produced the crops. Arrays that
+    live on disk (an h5py dataset, a zarr array, a dask array) are read one store chunk of cells
+    at a time, so they need not fit in memory.
 
     Parameters
     ----------
     crops
         Array of shape ``(n_cells, channels, height, width)`` (``channel_axis="first"``) or
         ``(n_cells, height, width, channels)`` (``"last"``); ``(n_cells, height, width)`` for a
-        single channel.
+        single channel. A NumPy array or anything sliced like one along the cells (h5py
+        dataset, zarr array, dask array).
     out
         Output folder; receives ``crops.zarr`` and ``cells.h5ad``.
     channel_names
@@ -121,7 +133,7 @@ def crops_from_array(
         types become float32 when that is exact). Values outside the range of an integer type
         raise an error; they are never clipped.
     chunk_cells
-        Cells per chunk of the store.
+        Cells per chunk of the store; also the number of cells read at a time.
     pixel_size
         Pixel size in micrometres.
     nonfinite
@@ -129,6 +141,8 @@ def crops_from_array(
         counted in ``uns["import_crops"]`` and the store attribute ``nonfinite``).
     overwrite
         Replace an existing ``crops.zarr`` / ``cells.h5ad`` in ``out``.
+    progress
+        Show a progress bar.
 
     Returns
     -------
@@ -148,33 +162,38 @@ def crops_from_array(
     >>> adata.n_obs  # doctest: +SKIP
     10
     """
-    crops = np.asarray(crops)
+    from tqdm.auto import tqdm
+
+    crops = _as_array_like(crops)
+    shape, source_dtype = tuple(int(n) for n in crops.shape), np.dtype(crops.dtype)
     names = check_channel_names(channel_names)
-    if crops.ndim == 3 and len(names) == 1:
-        crops = crops[:, None]
-    if crops.ndim != 4:
+    single = len(shape) == 3 and len(names) == 1
+    if single:
+        shape = (shape[0], 1, *shape[1:])
+    if len(shape) != 4:
         msg = (
             f"crops must have 4 dimensions (cells, channels, height, width), got shape "
-            f"{crops.shape}. Stack single crops with np.stack."
+            f"{tuple(crops.shape)}. Stack single crops with np.stack."
         )
         raise ValueError(msg)
     axis = {"first": 1, "last": 3}.get(channel_axis, None)  # type: ignore[arg-type]
     if axis is None:
         axis = int(channel_axis) % 3 + 1
-    if crops.shape[axis] != len(names):
+    if shape[axis] != len(names):
         msg = (
-            f"crops of shape {crops.shape} have {crops.shape[axis]} channels on axis {axis} "
+            f"crops of shape {shape} have {shape[axis]} channels on axis {axis} "
             f"(channel_axis={channel_axis!r}) but {len(names)} channel names were given. Set "
             "channel_axis ('first' for (n, C, H, W), 'last' for (n, H, W, C)) or fix channel_names."
         )
         raise ValueError(msg)
-    crops = np.moveaxis(crops, axis, 1)
-    if crops.shape[2] != crops.shape[3] and resize_to is None:
-        logger.info("Crops are not square (%s); keeping them as they are.", crops.shape[2:])
-    out_dtype = _out_dtype(dtype, crops.dtype)
-    obs = _check_obs(obs, len(crops), range(len(crops)))
+    n_cells = shape[0]
+    crop_shape = [shape[i] for i in (1, 2, 3) if i != axis]
+    if crop_shape[0] != crop_shape[1] and resize_to is None:
+        logger.info("Crops are not square (%s); keeping them as they are.", tuple(crop_shape))
+    out_dtype = _out_dtype(dtype, source_dtype)
+    obs = _check_obs(obs, n_cells, range(n_cells))
     store_path, adata_path = _output_paths(out, overwrite)
-    size = (resize_to, resize_to) if resize_to else crops.shape[2:]
+    size = (resize_to, resize_to) if resize_to else tuple(crop_shape)
     with CropWriter(
         str(store_path),
         n_channels=len(names),
@@ -186,16 +205,20 @@ def crops_from_array(
         nonfinite=nonfinite,
         overwrite=overwrite,
     ) as writer:
-        step = 1024
-        for start in range(0, len(crops), step):
-            batch = crops[start : start + step]
+        step = writer.chunk_cells
+        starts = range(0, n_cells, step)
+        for start in tqdm(starts, unit="chunk", desc="Storing crops", disable=not progress):
+            batch = np.asarray(crops[start : start + step])  # reads only these cells
+            if single:
+                batch = batch[:, None]
+            batch = np.moveaxis(batch, axis, 1)
             writer.append(
                 _prepare(batch, resize_to, out_dtype), cell_names=obs.index[start : start + step]
             )
     store = writer.store
     info = {
         "source": "array",
-        "n_cells": int(len(crops)),
+        "n_cells": int(n_cells),
         "channel_names": names,
         "resize_to": resize_to,
         "n_nonfinite_values": int(store.nonfinite.get("n_values", 0)),

@@ -14,7 +14,8 @@ from anndata import AnnData
 
 from mcvi_ops._constants import UNS
 from mcvi_ops.data import link_crops, open_crops
-from mcvi_ops.data._store import check_channel_names
+from mcvi_ops.data._link import write_h5ad
+from mcvi_ops.data._writer import check_channel_names
 from mcvi_ops.io._images import ChannelAxis, MissingTileError
 from mcvi_ops.io._tables import Preset, as_cell_table, resolve_columns, unique_cell_ids
 
@@ -145,12 +146,13 @@ def extract_crops(
 
     Output goes to the folder ``out``: ``crops.zarr`` (a :class:`~mcvi_ops.data.CropStore`),
     ``cells.h5ad`` (the returned AnnData) and ``extract_log.jsonl`` (the run log). Tiles are
-    processed in sorted tile-key order and cells in table order within a tile. Each finished tile
-    is committed to the log, so rerunning the same call after a crash skips the finished tiles
-    and ends with the same store and AnnData as an uninterrupted run; a tile image that changed
-    since it was cropped (file size or modification time, or the content of an array) is
-    cropped again, with every later tile. The store is locked while the run writes it, so a
-    second run on the same folder stops with an error instead of deleting it.
+    processed in sorted tile-key order (categorical key columns sort by value, as plain ones do)
+    and cells in table order within a tile. Each finished tile is committed to the log, so
+    rerunning the same call after a crash skips the finished tiles and ends with the same store
+    and AnnData as an uninterrupted run; a tile image that changed since it was cropped (file
+    size or modification time, or the content of an array) is cropped again, with every later
+    tile. The store is locked while the run writes it, so a second run on the same folder stops
+    with an error instead of deleting it.
 
     With ``n_jobs > 1`` or a Dask ``client``, workers crop tiles and also compress and write the
     store's chunks, so the main process does no pixel work; the store is byte-for-byte the one a
@@ -331,7 +333,8 @@ def extract_crops(
         )
     valid_positions = np.flatnonzero(valid)
     if key_cols:
-        groups = table.iloc[valid_positions].groupby(key_cols, sort=True).indices
+        tile_keys = _plain_values(table[key_cols].iloc[valid_positions])
+        groups = tile_keys.groupby(key_cols, sort=True, observed=True).indices
         keys = [_plain_key(k) for k in groups]
         group_positions = [valid_positions[np.asarray(groups[k])] for k in groups]
     else:
@@ -490,6 +493,16 @@ def _single_image(tiles: Any) -> bool:
     return False
 
 
+def _plain_values(frame: pd.DataFrame) -> pd.DataFrame:
+    """Categorical columns as plain values, so tiles sort the same whatever the columns' dtype."""
+    categorical = {
+        name: column.cat.categories.dtype
+        for name, column in frame.items()
+        if isinstance(column.dtype, pd.CategoricalDtype)
+    }
+    return frame.astype(categorical) if categorical else frame
+
+
 def _plain_key(key: Any) -> Any:
     if isinstance(key, tuple):
         return tuple(k.item() if isinstance(k, np.generic) else k for k in key)
@@ -558,7 +571,7 @@ def _finish(
         "shifts": shifts,
         "unreadable_tiles": unreadable,
     }
-    adata.write_h5ad(run.adata_path)
+    write_h5ad(adata, run.adata_path)
     logger.info(
         "Kept %d of %d cells (%d near an edge, %d without a tile image, %d in unreadable tiles, "
         "%d with NaN); wrote %s",

@@ -4,7 +4,7 @@ In parallel runs the main process never touches pixels. A worker crops a tile an
 crops to a spill file (``out/.extract_spill/tile-*.npy``) and returns only counts. The main
 process lays the tiles out in tile order, as a single process would, and as soon as the rows of
 a chunk are known it asks a worker to assemble that chunk from the spill files, compress it and
-write it (:func:`mcvi_ops.data._store.write_chunk`). Each chunk is written once, by one worker,
+write it (:func:`mcvi_ops.data._writer.write_chunk`). Each chunk is written once, by one worker,
 with the bytes a single process would write. A tile is committed in the run log once every chunk
 holding its rows is on disk, so a crash loses at most the tiles in flight.
 """
@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from mcvi_ops.data._store import CropWriter, open_crops, write_chunk
+from mcvi_ops.data._store import open_crops
+from mcvi_ops.data._writer import CropWriter, write_chunk
 
 from ._resume import RunFolder
 from ._tiles import TileResult, TileTask, process_tile

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from mcvi_ops.data import CropWriter
-from mcvi_ops.data._store import IncompleteStoreError, StoreLock, open_crops
+from mcvi_ops.data._lock import StoreLock
+from mcvi_ops.data._store import IncompleteStoreError, open_crops
 
 logger = logging.getLogger(__name__)
 

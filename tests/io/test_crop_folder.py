@@ -1,0 +1,84 @@
+"""read_crop_folder: per-cell crop files listed in a parquet or CSV index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from mcvi_ops.data import get_crops
+from mcvi_ops.io import read_crop_folder
+
+
+@pytest.fixture
+def crop_folder(eh_crops, tmp_path):
+    """Ten real 40 px crops as TIFF (C, Y, X) and .npy files, with an index table."""
+    crops = eh_crops[0][:10]
+    folder = tmp_path / "crops"
+    (folder / "plate1").mkdir(parents=True)
+    paths = []
+    for k, crop in enumerate(crops):
+        name = f"plate1/cell_{k:03d}" + (".tif" if k % 2 else ".npy")
+        if k % 2:
+            tifffile.imwrite(folder / name, crop, photometric="minisblack")
+        else:
+            np.save(folder / name, crop)
+        paths.append(name)
+    index = pd.DataFrame(
+        {"path": paths, "gene_symbol": ["nontargeting", "POLR2A"] * 5, "well": "A1"}
+    )
+    return folder, index, crops
+
+
+def test_parquet_index_with_relative_paths(crop_folder, tmp_path, channels):
+    folder, index, crops = crop_folder
+    index.to_parquet(folder / "index.parquet")
+    adata = read_crop_folder(
+        folder / "index.parquet", tmp_path / "out", channel_names=channels, progress=False
+    )
+    np.testing.assert_array_equal(get_crops(adata), crops)
+    assert list(adata.obs_names[:2]) == ["cell_000", "cell_001"]
+    assert list(adata.obs["gene_symbol"]) == list(index["gene_symbol"])
+    assert adata.obs["source_file"].iloc[3].endswith("plate1/cell_003.tif")
+    assert adata.uns["crops"]["channel_names"] == channels
+
+
+def test_csv_index_with_root_and_own_names(crop_folder, tmp_path, channels):
+    folder, index, crops = crop_folder
+    table = index.rename(columns={"path": "file"}).set_index(
+        pd.Index([f"id{i}" for i in range(10)])
+    )
+    table.to_csv(tmp_path / "index.csv", index_label="cell_id")
+    csv = pd.read_csv(tmp_path / "index.csv", index_col="cell_id")
+    adata = read_crop_folder(
+        csv,
+        tmp_path / "out",
+        channel_names=channels,
+        path_key="file",
+        root=folder,
+        resize_to=20,
+        progress=False,
+    )
+    assert list(adata.obs_names) == [f"id{i}" for i in range(10)]
+    assert get_crops(adata).shape == (10, 3, 20, 20)
+
+
+def test_bad_index_says_what_to_fix(crop_folder, tmp_path, channels):
+    folder, index, _ = crop_folder
+    with pytest.raises(
+        KeyError, match="'file'.*columns: \\['path', 'gene_symbol', 'well'\\].*path_key="
+    ):
+        read_crop_folder(
+            index, tmp_path / "a", channel_names=channels, path_key="file", root=folder
+        )
+    broken = index.copy()
+    broken.loc[[2, 7], "path"] = ["plate1/gone.tif", "plate2/cell_007.tif"]
+    with pytest.raises(FileNotFoundError, match="2 of 10 crop files.*gone.tif.*root="):
+        read_crop_folder(broken, tmp_path / "b", channel_names=channels, root=folder)
+    empty = index.copy()
+    empty.loc[4, "path"] = None
+    with pytest.raises(ValueError, match="1 rows of the index DataFrame have no path.*\\[4\\]"):
+        read_crop_folder(empty, tmp_path / "c", channel_names=channels, root=folder)
+    with pytest.raises(ValueError, match="2 channel names"):
+        read_crop_folder(index, tmp_path / "d", channel_names=["DNA", "PH3"], root=folder)
