@@ -28,11 +28,16 @@ _SUBPACKAGES = (
     "train",
 )
 
-__all__ = ["MCVAE", "VAE", "__version__", *_SUBPACKAGES]
+__all__ = ["MCVAE", "VAE", "__version__", "settings", *_SUBPACKAGES]
 
 __getattr__ = lazy_getattr(
     __name__,
-    {"MCVAE": ".model", "VAE": ".model", **{name: f".{name}" for name in _SUBPACKAGES}},
+    {
+        "MCVAE": ".model",
+        "VAE": ".model",
+        "settings": "._logging",
+        **{name: f".{name}" for name in _SUBPACKAGES},
+    },
 )
 
 

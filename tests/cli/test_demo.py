@@ -12,10 +12,16 @@ def test_simulate_command(tmp_path, capsys):
     adata = ad.read_h5ad(tmp_path / "screen.h5ad")
     assert adata.n_obs == 300
     assert "Simulated 300 cells" in capsys.readouterr().out
+    # the hint names the command's flag, not the Python keyword
+    assert main(["simulate", "--out", str(tmp_path), "--n-cells", "300", "--n-genes", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mcvi-ops simulate: error:") and len(err.strip().splitlines()) == 1
+    assert "pass --overwrite to replace it" in err and "overwrite=True" not in err
     with pytest.raises(FileExistsError, match="overwrite"):
-        main(["simulate", "--out", str(tmp_path), "--n-cells", "300", "--n-genes", "4"])
+        main(["simulate", "--out", str(tmp_path), "--n-cells", "300", "--n-genes", "4", "--debug"])
 
 
+@pytest.mark.slow  # about a minute on 2 CPU cores; train/embed/evaluate are tested faster
 def test_demo_end_to_end(tmp_path, capsys):
     args = ["demo", "--out", str(tmp_path), "--n-cells", "400", "--n-genes", "6"]
     args += ["--crop-size", "32", "--max-epochs", "1"]

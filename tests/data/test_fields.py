@@ -126,3 +126,100 @@ def test_perturbation_field_errors(make_linked):
     only_controls = adata[adata.obs["gene_symbol"] == "nontargeting"].copy()
     with pytest.raises(ValueError, match="only the control category"):
         register(only_controls)
+
+
+def _linked(tmp_path, crops, name):
+    import anndata as ad
+    import pandas as pd
+
+    from mcvi_ops.data import write_crops
+
+    store = write_crops(tmp_path / name, crops, channel_names=["DAPI", "tubulin"], chunk_cells=16)
+    obs = pd.DataFrame(
+        {"gene_symbol": np.where(np.arange(len(crops)) % 3 == 0, "nontargeting", "GENE1")},
+        index=[f"{name}{i}" for i in range(len(crops))],
+    )
+    adata = ad.AnnData(obs=obs)
+    link_crops(adata, store)
+    return adata
+
+
+def test_state_records_store_identity_and_intensity_range(make_linked):
+    adata, crops = make_linked(n=40)
+    manager = _manager()
+    manager.register_fields(adata)
+    state = manager.get_state_registry("crops")
+    assert state.store_id == linked_store(adata).store_id
+    low, high = np.percentile(crops.transpose(1, 0, 2, 3).reshape(2, -1), [0.1, 99.9], axis=1)
+    np.testing.assert_allclose(np.asarray(state.intensity_range), np.c_[low, high], rtol=0.02)
+    pickle.loads(pickle.dumps(manager.registry))  # still plain data
+
+
+def test_store_replaced_behind_anndata_is_refused_at_setup(make_linked, tmp_path):
+    from mcvi_ops.data import write_crops
+    from mcvi_ops.data._link import StoreChangedError
+
+    adata, crops = make_linked(n=40)
+    # same path, other crops (e.g. extraction rerun): a new store identifier
+    write_crops(
+        tmp_path / "crops.zarr",
+        crops[::-1].copy(),
+        channel_names=["DAPI", "tubulin"],
+        overwrite=True,
+    )
+    with pytest.raises(StoreChangedError, match="replaced after adata was linked"):
+        _manager().register_fields(adata)
+
+
+@pytest.mark.parametrize(
+    "convert, match",
+    [
+        (lambda c: (c // 16).astype(np.uint8), r"uint8 but the model was trained on uint16"),
+        (
+            lambda c: (c / 4000.0).astype(np.float32),
+            r"float32 but .*channels \['DAPI', 'tubulin'\]",
+        ),
+        (lambda c: (c // 40).astype(np.uint16), r"another intensity scale.*\[0, 99\]"),
+    ],
+)
+def test_transfer_refuses_another_pixel_type_or_scale(make_linked, tmp_path, convert, match):
+    adata, _ = make_linked(n=40)
+    manager = _manager()
+    manager.register_fields(adata)
+    rng = np.random.default_rng(3)
+    query = _linked(tmp_path, convert(rng.integers(0, 4000, (30, 2, 16, 16))), "q.zarr")
+    with pytest.raises(ValueError, match=match) as info:
+        manager.transfer_fields(query)
+    assert "intensity='rescale'" in str(info.value)
+
+
+def test_transfer_rescales_or_accepts_as_is_on_request(make_linked, tmp_path):
+    adata, crops = make_linked(n=40)
+    manager = _manager()
+    manager.register_fields(adata)
+    query = _linked(tmp_path, (crops / 4000.0).astype(np.float32), "unit.zarr")
+    state = manager.transfer_fields(query, intensity="rescale").get_state_registry("crops")
+    scale, offset = np.asarray(state.intensity_map).T
+    np.testing.assert_allclose(scale, 4000.0, rtol=1e-3)
+    np.testing.assert_allclose(offset, 0.0, atol=1.0)
+    state = manager.transfer_fields(query, intensity="as_is").get_state_registry("crops")
+    assert "intensity_map" not in state
+    # the same scale in another pixel type is still a choice the user makes explicitly
+    same_scale = _linked(tmp_path, crops.astype(np.float32), "float.zarr")
+    with pytest.raises(ValueError, match="float32 but the model was trained on uint16"):
+        manager.transfer_fields(same_scale)
+    with pytest.raises(ValueError, match="'check', 'rescale' or 'as_is'"):
+        manager.transfer_fields(query, intensity="auto")
+
+
+def test_registries_of_older_versions_still_transfer(make_linked, tmp_path):
+    adata, _ = make_linked(n=40)
+    manager = _manager()
+    manager.register_fields(adata)
+    old = manager.get_state_registry("crops")
+    for key in ("store_id", "intensity_range"):
+        del manager.registry["field_registries"]["crops"]["state_registry"][key]
+    query, _ = make_linked(n=20, name="query.zarr", seed=1)
+    assert manager.transfer_fields(query).get_state_registry("crops").n_crops == 20
+    manager.view_registry()
+    assert old.dtype == "uint16"

@@ -5,6 +5,14 @@ import pytest
 import mcvi_ops
 
 
+@pytest.fixture(autouse=True)
+def _run_folder(tmp_path, monkeypatch):
+    """Training writes its default checkpoints under scvi's logging folder: keep it temporary."""
+    import scvi
+
+    monkeypatch.setattr(scvi.settings, "logging_dir", tmp_path / "scvi_log")
+
+
 @pytest.fixture(scope="module")
 def screen_path(tmp_path_factory):
     return tmp_path_factory.mktemp("screen") / "crops.zarr"

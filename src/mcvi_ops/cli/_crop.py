@@ -92,8 +92,27 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="drop the cells of tiles without an image instead of stopping",
     )
+    parser.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a tile image that exists but cannot be read: stop (raise) or drop its cells (skip)",
+    )
+    parser.add_argument(
+        "--nonfinite",
+        choices=["raise", "zero"],
+        default="raise",
+        help="NaN/inf pixels in float tiles: stop (raise) or set them to 0 and count them (zero)",
+    )
     parser.add_argument("--pixel-size", type=float, default=None, help="pixel size in um")
     parser.add_argument("--n-jobs", type=int, default=1, help="worker processes (-1: all cores)")
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="crop on a running Dask cluster, e.g. tcp://10.0.0.5:8786 (needs dask.distributed; "
+        "workers must see the tiles and OUT at the same paths)",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="start again instead of resuming OUT"
     )
@@ -108,39 +127,66 @@ def _int_or_str(value: str) -> int | str:
         return value
 
 
+def _connect(address: str) -> Any:
+    """A :class:`distributed.Client` connected to the scheduler at ``address``."""
+    try:
+        import distributed
+    except ImportError as err:
+        msg = (
+            f"--scheduler {address} needs dask.distributed, which is not installed: "
+            "pip install mcvi-ops[distributed]"
+        )
+        raise ModuleNotFoundError(msg) from err
+    return distributed.Client(address)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``mcvi-ops crop`` with parsed arguments; return the exit status."""
     from mcvi_ops.pp import extract_crops
 
     names = [n for item in args.channel_names for n in item.split(",") if n]
-    adata = extract_crops(
-        args.tiles,
-        args.cells,
-        args.out,
-        channel_names=names,
-        crop_size=args.crop_size,
-        channel_axis=_int_or_str(args.channel_axis),
-        align=not args.no_align,
-        reference_channel=_int_or_str(args.reference_channel),
-        clip_percentiles=None if args.no_clip else tuple(args.clip),
-        edge_margin=args.edge_margin,
-        resize_to=args.resize_to,
-        preset=None if args.preset == "none" else args.preset,
-        tile_key=args.tile_key,
-        y_key=args.y_key,
-        x_key=args.x_key,
-        on_missing_tile="skip" if args.skip_missing_tiles else "raise",
-        dtype=args.dtype,
-        pixel_size=args.pixel_size,
-        n_jobs=args.n_jobs,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    client = _connect(args.scheduler) if args.scheduler else None
+    try:
+        adata = extract_crops(
+            args.tiles,
+            args.cells,
+            args.out,
+            channel_names=names,
+            crop_size=args.crop_size,
+            channel_axis=_int_or_str(args.channel_axis),
+            align=not args.no_align,
+            reference_channel=_int_or_str(args.reference_channel),
+            clip_percentiles=None if args.no_clip else tuple(args.clip),
+            edge_margin=args.edge_margin,
+            resize_to=args.resize_to,
+            preset=None if args.preset == "none" else args.preset,
+            tile_key=args.tile_key,
+            y_key=args.y_key,
+            x_key=args.x_key,
+            on_missing_tile="skip" if args.skip_missing_tiles else "raise",
+            on_error=args.on_error,
+            nonfinite=args.nonfinite,
+            dtype=args.dtype,
+            pixel_size=args.pixel_size,
+            n_jobs=args.n_jobs,
+            client=client,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    finally:
+        if client is not None:
+            client.close()  # disconnects; the cluster keeps running
     info = adata.uns["extract_crops"]
     print(
         f"Kept {info['n_kept']} of {info['n_cells_in']} cells from {info['n_tiles']} tiles "
         f"(dropped: {info['n_dropped_edge']} near an edge, {info['n_dropped_missing_tile']} "
-        f"without a tile image, {info['n_dropped_nan']} with a missing centroid)."
+        f"without a tile image, {info['n_dropped_unreadable_tile']} in unreadable tiles, "
+        f"{info['n_dropped_nan']} with a missing centroid)."
     )
+    if info["n_nonfinite_values"]:
+        print(
+            f"Set {info['n_nonfinite_values']} NaN/inf pixel values to 0 in "
+            f"{info['n_nonfinite_cells']} crops."
+        )
     print(f"Crops: {adata.uns['crops']['url']}  AnnData: {args.out.rstrip('/')}/cells.h5ad")
     return 0

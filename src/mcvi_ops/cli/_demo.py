@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
     """Add the ``demo`` sub-command."""
     parser = subparsers.add_parser(
         "demo",
-        help="Simulate a screen, train MCVAE, write embeddings, UMAPs and scores.",
+        help="simulate a screen, train MCVAE, write embeddings, UMAPs and scores",
         description=(
             "The main job: simulate an optical pooled screen, train the Multi-Contrastive VAE "
             "with its defaults, write the AnnData with salient and background embeddings, UMAP "
@@ -39,14 +39,14 @@ def add_simulate_parser(subparsers) -> None:
     """Add the ``simulate`` sub-command."""
     parser = subparsers.add_parser(
         "simulate",
-        help="Write a simulated screen (crop store + AnnData) to disk.",
+        help="write a simulated screen (crop store + AnnData) to disk",
         description="Simulate an optical pooled screen and write its crops and AnnData.",
     )
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
-    parser.add_argument("--n-cells", type=int, default=10_000)
-    parser.add_argument("--n-genes", type=int, default=60)
-    parser.add_argument("--crop-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-cells", type=int, default=10_000, help="Cells to simulate.")
+    parser.add_argument("--n-genes", type=int, default=60, help="Genes to simulate.")
+    parser.add_argument("--crop-size", type=int, default=64, help="Crop size in pixels.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the simulation.")
     parser.add_argument("--overwrite", action="store_true", help="Replace existing outputs.")
     parser.set_defaults(func=run_simulate)
 
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     """Simulate, train, embed, plot and score; see ``mcvi-ops demo --help``."""
     import scvi
 
-    from mcvi_ops import MCVAE, metrics
+    from mcvi_ops import MCVAE, metrics, pp
 
     total = time.perf_counter()
     out: Path = args.out
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     adata.obsm["X_mcvae_salient"] = both[:, :n_salient]
     adata.obsm["X_mcvae_background"] = both[:, n_salient:]
     print(f"Embedded {adata.n_obs:,} cells in {time.perf_counter() - start:.1f} s")
-    metrics.derive_covariates(adata)
+    pp.derive_covariates(adata)
     for path in _umaps(adata, out):
         print(f"Wrote {path}")
     scores = metrics.score_synthetic_screen(

@@ -1,7 +1,13 @@
 """User-facing models: AnnData in, embeddings and images out."""
 
-from ._base import default_max_epochs
+from mcvi_ops._logging import setup_logging
+
 from ._mcvae import MCVAE
+from ._save_load import UnsafeModelFileError
+from ._train import default_max_epochs
 from ._vae import VAE
 
-__all__ = ["MCVAE", "VAE", "default_max_epochs"]
+# like scvi-tools: the package's INFO messages show in notebooks once the models are imported
+setup_logging()
+
+__all__ = ["MCVAE", "VAE", "UnsafeModelFileError", "default_max_epochs"]

@@ -1,48 +1,61 @@
-"""Shared machinery of the image models: set-up, data loading, training defaults, inference."""
+"""Shared machinery of the image models: set-up, data loading, inference, saving and loading."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import importlib
 import logging
-import math
+import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from pathlib import Path
 
 import numpy as np
+import rich.pretty  # noqa: F401 - scvi-tools 1.4.2 uses it without importing it (rich 15)
 import torch
-from anndata import AnnData
+from anndata import AnnData, read_h5ad
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
+from scvi.data._constants import _MODEL_NAME_KEY, _SETUP_ARGS_KEY
 from scvi.data.fields import CategoricalObsField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
+from scvi.model._utils import parse_device_args
+from scvi.model.base import BaseModelClass, VAEMixin
+from scvi.model.base._constants import SAVE_KEYS
+from scvi.model.base._save_load import _initialize_model
 from scvi.utils import setup_anndata_dsp
 
 from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, PERTURBATION_KEY
-from mcvi_ops.data._fields import ImageField, PerturbationField
-from mcvi_ops.data._link import UNS_KEY, crop_reference, linked_store
-from mcvi_ops.dataloaders import CropDataLoader, CropDataSplitter
-from mcvi_ops.train import ImageTrainingPlan
+from mcvi_ops.data._fields import ImageField, IntensityOption, PerturbationField
+from mcvi_ops.data._link import UNS_KEY, StoreChangedError, crop_reference, linked_store
+from mcvi_ops.train._callbacks import NonFiniteCropsError, describe_cells, nonfinite_crops_message
+
+from . import _save_load
+from ._inference import InferenceLoader
+from ._train import ImageTrainingMixin
 
 logger = logging.getLogger(__name__)
 
-#: cells seen (summed over epochs) that the default number of epochs aims for
-_TARGET_CELLS_SEEN = 100_000
+#: set while `load` builds a model: the input transform's statistics come from the saved file
+_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("mcvi_ops_loading", default=False)
 
 
-def default_max_epochs(n_cells: int) -> int:
-    """Default number of epochs: ``ceil(100,000 / n_cells)``, between 2 and 40 epochs.
-
-    Large screens need few passes (the paper trained 2 epochs of 31M cells); small ones more.
-    """
-    return int(np.clip(math.ceil(_TARGET_CELLS_SEEN / max(n_cells, 1)), 2, 40))
-
-
-class BaseImageModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
     """Base class of models on image crops linked to AnnData rows (not used directly)."""
 
-    _data_loader_cls = CropDataLoader
-    _data_splitter_cls = CropDataSplitter
-    _training_plan_cls = ImageTrainingPlan
-    _balanced_training = True
+    _data_loader_cls = InferenceLoader
+    #: (show a progress bar, its label), set by `_progress` while an output is computed
+    _progress_bar: tuple[bool | None, str] | None = None
+
+    def __init__(self, adata: AnnData | None = None) -> None:
+        if adata is None:
+            name = type(self).__name__
+            msg = (
+                f"{name} needs the AnnData of the cells, linked to their crops and set up with "
+                f"`mcvi_ops.{name}.setup_anndata(adata, perturbation_key=...)`; to load a saved "
+                f"model use `mcvi_ops.{name}.load(path, adata)`."
+            )
+            raise ValueError(msg)
+        super().__init__(adata)
 
     # --- set-up ---------------------------------------------------------------------------
     @classmethod
@@ -109,14 +122,35 @@ class BaseImageModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
 
     def _fit_input_transform(self, *, max_cells: int = 2_000, seed: int = 0) -> None:
-        """Fit the arcsinh/scaling statistics of the module's input transform on control cells."""
+        """Fit the arcsinh/scaling statistics of the module's input transform on control cells.
+
+        Crops with NaN/inf pixels raise an error naming the cells; control cells with extreme
+        intensities (saturated or corrupt crops) are left out of the statistics.
+        """
+        if _LOADING.get():
+            return  # the saved statistics are loaded next
         controls = np.flatnonzero(self._is_control_cell())
         rng = np.random.default_rng(seed)
         if len(controls) > max_cells:
             controls = np.sort(rng.choice(controls, max_cells, replace=False))
-        crop_index = self.adata_manager.get_from_registry(IMAGE_KEY).reshape(-1)
-        store = linked_store(self.adata, uns_key=self._uns_key())
-        self.module.transform.fit(store.take(crop_index[controls]))
+        crop_index = np.asarray(self.adata_manager.get_from_registry(IMAGE_KEY)).reshape(-1)
+        store = self._check_store(self.adata_manager)
+        crops = store.take(crop_index[controls])
+        if crops.dtype.kind == "f":
+            bad = ~np.isfinite(crops.reshape(len(crops), -1)).all(axis=1)
+            if bad.any():
+                cells = describe_cells(crop_index[controls][bad], self.adata.obs_names, crop_index)
+                where = f"among {len(controls)} control cells sampled to scale the inputs"
+                raise NonFiniteCropsError(nonfinite_crops_message(where, cells, int(bad.sum())))
+        excluded = self.module.transform.fit(crops)
+        if excluded.any():
+            names = [str(n) for n in self.adata.obs_names[controls[excluded]][:5]]
+            logger.warning(
+                "%d control cells with extreme intensities (e.g. %s) were left out of the input "
+                "scaling; check their crops for saturation or corruption.",
+                int(excluded.sum()),
+                names,
+            )
 
     def _is_control_cell(self) -> np.ndarray:
         """Boolean mask of the registered cells that are controls."""
@@ -139,145 +173,99 @@ class BaseImageModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             if adata.is_view:
                 adata = adata.copy() if copy_if_view else adata
             self._register_manager_for_instance(
-                self.adata_manager.transfer_fields(adata, extend_categories=True)
+                self.adata_manager.transfer_fields(adata, extend_categories=True, **kwargs)
             )
             return adata
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
-    # --- training -------------------------------------------------------------------------
-    def train(
-        self,
-        max_epochs: int | None = None,
-        *,
-        batch_size: int = 128,
-        lr: float = 3e-3,
-        weight_decay: float = 0.0,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 5,
-        n_epochs_kl_warmup: int | None = None,
-        n_steps_kl_warmup: int | None = None,
-        gradient_clip_val: float | None = 10.0,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        precision: str | int | None = None,
-        train_size: float = 0.9,
-        validation_size: float | None = None,
-        num_workers: int = 0,
-        window_chunks: int = 8,
-        datasplitter_kwargs: dict | None = None,
-        plan_kwargs: dict | None = None,
-        **trainer_kwargs: Any,
-    ):
-        """Train the model on balanced minibatches read chunk-wise from the crop store.
+    def setup_query(
+        self, adata: AnnData, *, intensity: IntensityOption = "check", copy_if_view: bool = True
+    ) -> AnnData:
+        """Register new cells (query data) for embedding with this model.
+
+        Outputs such as :meth:`get_latent_representation` register query data themselves with
+        the default checks; call this first to choose how crops of another pixel type or
+        intensity scale than the training crops are handled.
 
         Parameters
         ----------
-        max_epochs
-            Passes over the perturbed cells. Default: ``ceil(100,000 / n_cells)`` between 2 and
-            40 (:func:`~mcvi_ops.model.default_max_epochs`): 10 epochs for 10k cells, 2 for
-            screens of 50k cells and more.
-        batch_size
-            Cells per minibatch, half controls and half perturbed cells (must be even).
-        lr
-            Adam learning rate. 3e-3 learned fastest on a CPU budget in our comparison of 1e-4
-            (the paper's, too slow for a few epochs), 1e-3 and 3e-3 (``benchmarks/RESULTS.md``).
-        weight_decay
-            Adam weight decay.
-        early_stopping
-            Stop when the validation loss has not improved for ``early_stopping_patience`` epochs
-            (disabled under DDP by scvi-tools).
-        early_stopping_patience
-            Epochs without improvement before stopping.
-        n_epochs_kl_warmup
-            Epochs over which the KL weight grows linearly from 0 to 1, instead of steps.
-        n_steps_kl_warmup
-            Minibatches over which the KL weight grows from 0 to 1. Default: a third of all
-            training steps.
-        gradient_clip_val
-            Clip the gradient norm to this value (`None`: no clipping).
-        accelerator
-            ``"auto"``, ``"cpu"``, ``"gpu"``, ...
-        devices
-            Devices to use; with ``strategy="ddp"`` each rank trains on its own shard of both
-            control and perturbed cells.
-        precision
-            Lightning precision, e.g. ``"bf16-mixed"`` on recent GPUs.
-        train_size
-            Fraction of cells (controls and perturbed alike) used for training.
-        validation_size
-            Fraction used for validation (default: the rest).
-        num_workers
-            Data-loader worker processes.
-        window_chunks
-            Store chunks shuffled together; larger mixes better, smaller reads more sequentially.
-        datasplitter_kwargs
-            More arguments of :class:`~mcvi_ops.dataloaders.CropDataSplitter`.
-        plan_kwargs
-            More arguments of :class:`scvi.train.TrainingPlan`.
-        **trainer_kwargs
-            More arguments of :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`
-            (e.g. ``strategy="ddp"``).
+        adata
+            Cells linked to crops with the model's channels and crop size.
+        intensity
+            ``"check"`` refuses crops of another pixel type (uint8 vs uint16, floats) or an
+            intensity scale more than 10 times off the training crops' in any channel;
+            ``"rescale"`` maps each channel's intensity range (0.1 and 99.9 percentiles)
+            linearly onto the training one; ``"as_is"`` uses the values unchanged.
+        copy_if_view
+            Copy ``adata`` if it is a view (views cannot be registered).
 
         Returns
         -------
-        Nothing; training curves are in ``model.history``.
+        The registered AnnData (a copy if ``adata`` was a view).
+
+        Examples
+        --------
+        >>> query = model.setup_query(query, intensity="rescale")  # doctest: +SKIP
+        >>> latent = model.get_latent_representation(query)  # doctest: +SKIP
         """
-        if batch_size < 2 or (self._balanced_training and batch_size % 2):
+        if adata.is_view:
+            adata = adata.copy() if copy_if_view else adata
+        manager = self.adata_manager.transfer_fields(
+            adata, extend_categories=True, intensity=intensity
+        )
+        self._register_manager_for_instance(manager)
+        return adata
+
+    def _check_store(self, manager: AnnDataManager):
+        """The crop store of registered cells, refusing one replaced or shrunk since then."""
+        adata = manager.adata
+        uns_key = self._uns_key()
+        store = linked_store(adata, uns_key=uns_key)  # replaced or shrunk since linking
+        state = manager.get_state_registry(IMAGE_KEY)
+        registered, current = state.get(ImageField.STORE_ID_KEY), getattr(store, "store_id", None)
+        if registered is not None and current is not None and registered != current:
             msg = (
-                f"`batch_size` must be an even number >= 2 (half controls, half perturbed cells), "
-                f"got {batch_size}."
+                f"The crop store at {store.url} was replaced after these cells were registered "
+                f"with the model (store_id {registered!r}, now {current!r}): its crops may be "
+                "other cells. Relink the cells to their crops with `mcvi_ops.data.link_crops`, "
+                "then register them again (`setup_anndata` and a new model for training data, "
+                "`model.setup_query(adata)` for query cells)."
             )
-            raise ValueError(msg)
-        if max_epochs is None:
-            max_epochs = default_max_epochs(self.adata.n_obs)
-        if n_epochs_kl_warmup is None and n_steps_kl_warmup is None:
-            # warm up over the first third of all steps (per step, so 1-2 epoch runs on big
-            # screens warm up smoothly instead of jumping from 0 to 1 at an epoch boundary)
-            n_steps_kl_warmup = max(
-                1, self._steps_per_epoch(batch_size, train_size) * max_epochs // 3
-            )
-        plan = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "n_epochs_kl_warmup": n_epochs_kl_warmup,
-            "n_steps_kl_warmup": n_steps_kl_warmup,
-            **(plan_kwargs or {}),
-        }
-        splitter = {
-            "balanced": self._balanced_training,
-            "num_workers": num_workers,
-            "window_chunks": window_chunks,
-            **(datasplitter_kwargs or {}),
-        }
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-        # our batch sampler shards per rank itself; Lightning must not replace it
-        trainer_kwargs.setdefault("use_distributed_sampler", False)
-        if gradient_clip_val is not None:
-            trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
-        if precision is not None:
-            trainer_kwargs["precision"] = precision
-        return super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            datasplitter_kwargs=splitter,
-            plan_kwargs=plan,
-            **trainer_kwargs,
+            raise StoreChangedError(msg)
+        return store
+
+    def _make_data_loader(
+        self,
+        adata: AnnData,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        data_loader_class=None,
+        **data_loader_kwargs,
+    ):
+        manager = self.get_anndata_manager(adata)
+        if manager is not None:
+            self._check_store(manager)
+            if data_loader_class is None or issubclass(data_loader_class, InferenceLoader):
+                state = manager.get_state_registry(IMAGE_KEY)
+                data_loader_kwargs.setdefault(
+                    "intensity_map", state.get(ImageField.INTENSITY_MAP_KEY)
+                )
+                show, description = self._progress_bar or (None, "Cells")
+                data_loader_kwargs.setdefault("progress_bar", show)
+                data_loader_kwargs.setdefault("description", description)
+        return super()._make_data_loader(
+            adata, indices, batch_size, shuffle, data_loader_class, **data_loader_kwargs
         )
 
-    def _steps_per_epoch(self, batch_size: int, train_size: float) -> int:
-        control = self._is_control_cell()
-        if self._balanced_training:
-            n_cells, per_batch = int((~control).sum()), batch_size // 2
-        else:
-            n_cells, per_batch = len(control), batch_size
-        return max(1, math.ceil(n_cells * train_size / per_batch))
+    @contextlib.contextmanager
+    def _progress(self, progress_bar: bool | None, description: str = "Cells") -> Iterator[None]:
+        """Loaders made inside show a progress bar as asked (`None`: for long runs)."""
+        previous, self._progress_bar = self._progress_bar, (progress_bar, description)
+        try:
+            yield
+        finally:
+            self._progress_bar = previous
 
     # --- outputs shared by the image models -----------------------------------------------
     @torch.inference_mode()
@@ -288,6 +276,7 @@ class BaseImageModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         *,
         batch_size: int | None = None,
         inverse_transform: bool = False,
+        progress_bar: bool | None = None,
     ) -> np.ndarray:
         """Reconstructions of crops from their posterior means (MCVAE: controls with ``s = 0``).
 
@@ -301,6 +290,8 @@ class BaseImageModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Cells per minibatch.
         inverse_transform
             Return raw-intensity images instead of the model's [-1, 1] scale.
+        progress_bar
+            Show a progress bar; `None`: when there are more than 10 minibatches.
 
         Returns
         -------
@@ -309,17 +300,27 @@ class BaseImageModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self.module.eval()
         images = [
             self._to_images(self.module.reconstruct(tensors), inverse_transform)
-            for tensors in self._iterate(adata, indices, batch_size)
+            for tensors in self._iterate(
+                adata, indices, batch_size, progress_bar=progress_bar, description="Reconstructing"
+            )
         ]
         return np.concatenate(images)
 
     # --- inference helpers ----------------------------------------------------------------
     def _iterate(
-        self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        batch_size: int | None,
+        *,
+        progress_bar: bool | None = None,
+        description: str = "Embedding",
     ) -> Iterator[dict[str, torch.Tensor]]:
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
-        yield from self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        with self._progress(progress_bar, description):
+            loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        yield from loader
 
     def _to_images(self, transformed: torch.Tensor, inverse_transform: bool) -> np.ndarray:
         out = self.module.transform.inverse(transformed) if inverse_transform else transformed
@@ -329,3 +330,176 @@ class BaseImageModel(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     def _write_obsm(adata: AnnData, key: str, values: np.ndarray) -> None:
         adata.obsm[key] = values
         logger.info("Wrote adata.obsm[%r] (%d x %d)", key, *values.shape)
+
+    # --- notebooks ------------------------------------------------------------------------
+    def view_anndata_setup(
+        self, adata: AnnData | None = None, hide_state_registries: bool = False
+    ) -> None:
+        """Print how ``adata`` (default: the training data) is set up with the model."""
+        # scvi-tools 1.4.2 calls `rich.pretty.pprint` without importing `rich.pretty`, which
+        # rich 15 no longer imports with `rich`
+        importlib.import_module("rich.pretty")
+        super().view_anndata_setup(adata, hide_state_registries=hide_state_registries)
+
+    # --- saving and loading ---------------------------------------------------------------
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save the model's weights, set-up and training history to a folder.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write (created if needed).
+        prefix
+            Prefix of the file names, to keep several models in one folder (no path
+            separators: files never leave ``dir_path``).
+        overwrite
+            Overwrite an existing folder.
+        save_anndata
+            Also write the AnnData (``adata.h5ad``, still linked to its crop store), so that
+            :meth:`load` needs no AnnData.
+        **kwargs
+            More arguments of :meth:`scvi.model.base.BaseModelClass.save`.
+
+        Examples
+        --------
+        >>> model.save("model/", overwrite=True)  # doctest: +SKIP
+        >>> model = mcvi_ops.MCVAE.load("model/", adata)  # doctest: +SKIP
+        """
+        prefix = _save_load.check_prefix(prefix, dir_path) or None
+        registry, self.registry_ = self.registry_, _save_load.plain_containers(self.registry_)
+        try:
+            super().save(
+                str(dir_path),
+                prefix=prefix,
+                overwrite=overwrite,
+                save_anndata=save_anndata,
+                **kwargs,
+            )
+        finally:
+            self.registry_ = registry
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        *,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        weights_only: bool = True,
+    ):
+        """Load a model saved with :meth:`save`, without running code from the folder.
+
+        Parameters
+        ----------
+        dir_path
+            Folder given to :meth:`save`.
+        adata
+            The AnnData the model was trained on (or one with the same set-up), linked to its
+            crops, e.g. ``anndata.read_h5ad("screen.h5ad")``. Default: the ``adata.h5ad`` saved
+            in the folder with ``save_anndata=True``.
+        accelerator
+            ``"auto"``, ``"cpu"``, ``"gpu"``, ...
+        device
+            Device to load the weights onto.
+        prefix
+            File-name prefix given to :meth:`save`.
+        weights_only
+            Refuse files holding anything but tensors, numpy arrays and the training history
+            (:class:`~mcvi_ops.model.UnsafeModelFileError`); `False` trusts the file entirely
+            (needed for models built with custom network objects).
+
+        Returns
+        -------
+        The model, with the weights, set-up and history saved.
+
+        Examples
+        --------
+        >>> model = mcvi_ops.MCVAE.load("model/", adata)  # doctest: +SKIP
+        """
+        _, _, torch_device = parse_device_args(
+            accelerator=accelerator,
+            devices=device,
+            return_device="torch",
+            validate_single_device=True,
+        )
+        attr_dict, _, state_dict = _save_load.load_saved_files(
+            dir_path, prefix=prefix, map_location=torch_device, weights_only=weights_only
+        )
+        registry = attr_dict.pop("registry_")
+        saved_class = registry.get(_MODEL_NAME_KEY)
+        if saved_class is not None and saved_class != cls.__name__:
+            msg = (
+                f"{str(dir_path)!r} holds a {saved_class} model; load it with "
+                f"`mcvi_ops.{saved_class}.load`, not `{cls.__name__}.load`."
+            )
+            raise ValueError(msg)
+        adata = cls._adata_to_load(dir_path, adata, prefix)
+        cls.setup_anndata(adata, source_registry=registry, **registry[_SETUP_ARGS_KEY])
+        cls._warn_if_other_store(adata, registry)
+        token = _LOADING.set(True)
+        try:
+            model = _initialize_model(cls, adata, registry, attr_dict, None)
+        finally:
+            _LOADING.reset(token)
+        pyro_param_store = state_dict.pop("pyro_param_store", None)
+        model.module.on_load(model, pyro_param_store=pyro_param_store)
+        model.module.load_state_dict(state_dict)
+        model.to_device(torch_device)
+        model.module.eval()
+        model._validate_anndata(adata)
+        return model
+
+    @classmethod
+    def _adata_to_load(
+        cls, dir_path: str | os.PathLike, adata: AnnData | None, prefix: str | None
+    ) -> AnnData:
+        if adata is not None:
+            if not isinstance(adata, AnnData):
+                msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
+                raise TypeError(msg)
+            return adata
+        saved = Path(dir_path) / f"{prefix or ''}{SAVE_KEYS.ADATA_FNAME}"
+        if saved.is_file():
+            return read_h5ad(saved)
+        msg = (
+            f"`{cls.__name__}.load` needs the AnnData the model was trained on, linked to its "
+            f"crops: `mcvi_ops.{cls.__name__}.load({str(dir_path)!r}, adata)` with e.g. "
+            "`adata = anndata.read_h5ad('screen.h5ad')` (its adata.uns['crops'] points at the "
+            f"crop store). The folder holds no {SAVE_KEYS.ADATA_FNAME} (save the model with "
+            "`save_anndata=True` to keep one there)."
+        )
+        raise ValueError(msg)
+
+    @staticmethod
+    def _warn_if_other_store(adata: AnnData, registry: dict) -> None:
+        trained = registry["field_registries"][IMAGE_KEY]["state_registry"]
+        reference = crop_reference(adata, uns_key=registry[_SETUP_ARGS_KEY].get("uns_key", UNS_KEY))
+        old_id, new_id = trained.get(ImageField.STORE_ID_KEY), reference.get("store_id")
+        if old_id and new_id and old_id != new_id and trained.get("url") == reference["url"]:
+            logger.warning(
+                "The crop store at %s was rewritten since the model was trained (store_id %s, "
+                "now %s); the model describes the crops that are there now.",
+                reference["url"],
+                old_id,
+                new_id,
+            )
+
+    @staticmethod
+    def load_registry(dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+        """The registry (set-up arguments and field states) saved with a model, read safely."""
+        return _save_load.load_registry(dir_path, prefix=prefix)
+
+    @staticmethod
+    def view_setup_args(dir_path: str | os.PathLike, prefix: str | None = None) -> None:
+        """Print the arguments a saved model was set up with."""
+        importlib.import_module("rich.pretty")  # see `view_anndata_setup`
+        AnnDataManager.view_setup_method_args(_save_load.load_registry(dir_path, prefix=prefix))

@@ -113,6 +113,7 @@ class MCVAE(BaseImageModel):
         kind: LatentKind = "both",
         batch_size: int | None = None,
         add_to_obsm: bool = False,
+        progress_bar: bool | None = None,
     ) -> np.ndarray:
         """Posterior means of the salient and/or background latents.
 
@@ -128,6 +129,8 @@ class MCVAE(BaseImageModel):
             Cells per minibatch.
         add_to_obsm
             Also write the result to ``adata.obsm`` (all rows only).
+        progress_bar
+            Show a progress bar over the cells; `None`: when there are more than 10 minibatches.
 
         Returns
         -------
@@ -145,7 +148,7 @@ class MCVAE(BaseImageModel):
             raise ValueError(msg)
         self.module.eval()
         salient, background = [], []
-        for tensors in self._iterate(adata, indices, batch_size):
+        for tensors in self._iterate(adata, indices, batch_size, progress_bar=progress_bar):
             out = self.module.inference(**self.module._get_inference_input(tensors))
             salient.append(out["qs"].loc.float().cpu())
             background.append(out["qz"].loc.float().cpu())

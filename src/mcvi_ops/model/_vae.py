@@ -68,6 +68,7 @@ class VAE(BaseImageModel):
         *,
         batch_size: int | None = None,
         add_to_obsm: bool = False,
+        progress_bar: bool | None = None,
         **kwargs,
     ) -> np.ndarray:
         """Posterior means of the latent.
@@ -82,6 +83,8 @@ class VAE(BaseImageModel):
             Cells per minibatch (``scvi.settings.batch_size`` by default).
         add_to_obsm
             Also write the result to ``adata.obsm["X_vae"]`` (all rows only).
+        progress_bar
+            Show a progress bar over the cells; `None`: when there are more than 10 minibatches.
         **kwargs
             More arguments of :meth:`scvi.model.base.VAEMixin.get_latent_representation`.
 
@@ -97,7 +100,10 @@ class VAE(BaseImageModel):
             raise ValueError(msg)
         self._check_if_trained(warn=True)
         self.module.eval()
-        values = super().get_latent_representation(adata, indices, batch_size=batch_size, **kwargs)
+        with self._progress(progress_bar, "Embedding"):
+            values = super().get_latent_representation(
+                adata, indices, batch_size=batch_size, **kwargs
+            )
         if add_to_obsm:
             self._write_obsm(self.adata if adata is None else adata, OBSM.vae, values)
         return values

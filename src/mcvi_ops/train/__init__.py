@@ -1,5 +1,27 @@
-"""The training plan of the image models."""
+"""Training of the image models: the training plan, the runner and its safety callbacks."""
 
+from ._callbacks import (
+    CellsPerSecondBar,
+    CheckInputs,
+    DivergenceGuard,
+    EpochCheckpoint,
+    EpochSeed,
+    NonFiniteCropsError,
+    StopOnInterrupt,
+    TrainingDivergedError,
+)
+from ._runner import ImageTrainRunner
 from ._training_plan import ImageTrainingPlan
 
-__all__ = ["ImageTrainingPlan"]
+__all__ = [
+    "CellsPerSecondBar",
+    "CheckInputs",
+    "DivergenceGuard",
+    "EpochCheckpoint",
+    "EpochSeed",
+    "ImageTrainRunner",
+    "ImageTrainingPlan",
+    "NonFiniteCropsError",
+    "StopOnInterrupt",
+    "TrainingDivergedError",
+]

@@ -1,0 +1,94 @@
+"""The data loader of the models' outputs: checked crops, query intensity maps, progress bars."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from tqdm.auto import tqdm
+
+from mcvi_ops._constants import CROP_INDEX_KEY
+from mcvi_ops.dataloaders import CropDataLoader
+from mcvi_ops.train._callbacks import (
+    NonFiniteCropsError,
+    describe_cells,
+    nonfinite_crops_message,
+)
+
+#: show a progress bar by default when embedding takes more minibatches than this
+PROGRESS_MIN_BATCHES = 10
+
+
+class InferenceLoader(CropDataLoader):
+    """A :class:`~mcvi_ops.dataloaders.CropDataLoader` for embedding and reconstructing cells.
+
+    Each minibatch is checked for NaN/inf pixels (an error names the cells), crops of query data
+    registered with ``intensity="rescale"`` are mapped onto the training intensity scale, and a
+    progress bar counts the cells.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the AnnData to read.
+    indices
+        Row positions to load; all rows if `None`.
+    intensity_map
+        ``[scale, offset]`` per channel applied to the raw crops (`None`: none).
+    progress_bar
+        Show a progress bar; `None`: when there are more than
+        :data:`PROGRESS_MIN_BATCHES` minibatches.
+    description
+        Label of the progress bar.
+    **kwargs
+        Passed to :class:`~mcvi_ops.dataloaders.CropDataLoader`.
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        indices: Sequence[int] | np.ndarray | None = None,
+        *,
+        intensity_map: Sequence[Sequence[float]] | None = None,
+        progress_bar: bool | None = None,
+        description: str = "Cells",
+        **kwargs,
+    ) -> None:
+        super().__init__(adata_manager, indices, **kwargs)
+        self.intensity_map = (
+            None if intensity_map is None else torch.as_tensor(intensity_map, dtype=torch.float32)
+        )
+        self.progress_bar = (
+            len(self) > PROGRESS_MIN_BATCHES if progress_bar is None else bool(progress_bar)
+        )
+        self.description = description
+        self._obs_names = np.asarray(adata_manager.adata.obs_names)
+
+    def _check_finite(self, batch: dict[str, torch.Tensor]) -> None:
+        finite = torch.isfinite(batch[REGISTRY_KEYS.X_KEY]).flatten(1).all(dim=1)
+        if bool(finite.all()):
+            return
+        bad = batch[CROP_INDEX_KEY].reshape(-1)[~finite].numpy()
+        cells = describe_cells(bad, self._obs_names, self.dataset.crop_indices)
+        raise NonFiniteCropsError(nonfinite_crops_message("to embed", cells, len(bad)))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        bar = tqdm(
+            total=len(self.indices),
+            unit="cell",
+            desc=self.description,
+            disable=not self.progress_bar,
+        )
+        try:
+            for batch in super().__iter__():
+                self._check_finite(batch)
+                if self.intensity_map is not None:
+                    x = batch[REGISTRY_KEYS.X_KEY]
+                    scale, offset = self.intensity_map.T.reshape(2, 1, -1, 1, 1)
+                    batch[REGISTRY_KEYS.X_KEY] = x * scale + offset
+                bar.update(len(batch[REGISTRY_KEYS.X_KEY]))
+                yield batch
+        finally:
+            bar.close()

@@ -1,0 +1,299 @@
+"""Training of the image models: defaults, safety callbacks, checkpoints and resuming."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scvi import settings
+from scvi.model._utils import use_distributed_sampler
+from scvi.model.base import UnsupervisedTrainingMixin
+
+from mcvi_ops._constants import IMAGE_KEY
+from mcvi_ops.dataloaders import CropDataSplitter
+from mcvi_ops.dataloaders._sampler import _default_seed
+from mcvi_ops.train import (
+    CellsPerSecondBar,
+    CheckInputs,
+    DivergenceGuard,
+    EpochCheckpoint,
+    EpochSeed,
+    ImageTrainingPlan,
+    ImageTrainRunner,
+)
+
+logger = logging.getLogger(__name__)
+
+#: cells seen (summed over epochs) that the default number of epochs aims for
+_TARGET_CELLS_SEEN = 100_000
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """Default number of epochs: ``ceil(100,000 / n_cells)``, between 2 and 40 epochs.
+
+    Large screens need few passes (the paper trained 2 epochs of 31M cells); small ones more.
+
+    Examples
+    --------
+    >>> default_max_epochs(10_000)
+    10
+    """
+    return int(np.clip(math.ceil(_TARGET_CELLS_SEEN / max(n_cells, 1)), 2, 40))
+
+
+def _check_positive_int(value: Any, name: str, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        msg = f"`{name}` must be a positive integer, got {value!r}. {hint}"
+        raise ValueError(msg)
+    return int(value)
+
+
+class ImageTrainingMixin(UnsupervisedTrainingMixin):
+    """``train`` of the image models (balanced, chunk-wise minibatches; safe ends; resuming)."""
+
+    _data_splitter_cls = CropDataSplitter
+    _training_plan_cls = ImageTrainingPlan
+    _train_runner_cls = ImageTrainRunner
+    _balanced_training = True
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int = 128,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 5,
+        n_epochs_kl_warmup: int | None = None,
+        n_steps_kl_warmup: int | None = None,
+        gradient_clip_val: float | None = 10.0,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        precision: str | int | None = None,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        num_workers: int = 0,
+        window_chunks: int = 8,
+        save_checkpoints: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+        divergence_factor: float | None = 100.0,
+        enable_progress_bar: bool = True,
+        datasplitter_kwargs: dict | None = None,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Train the model on balanced minibatches read chunk-wise from the crop store.
+
+        Training ends cleanly in every case: Ctrl-C stops after the current step, keeping the
+        weights and history so far (the model stays usable and savable); a diverging loss
+        (NaN, or exploding) raises :class:`~mcvi_ops.train.TrainingDivergedError` with the last
+        good weights put back and the model not marked as trained; crops holding NaN/inf pixels
+        raise :class:`~mcvi_ops.train.NonFiniteCropsError` naming the cells.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the perturbed cells (a positive integer). Default: ``ceil(100,000 /
+            n_cells)`` between 2 and 40 (:func:`~mcvi_ops.model.default_max_epochs`): 10 epochs
+            for 10k cells, 2 for screens of 50k cells and more.
+        batch_size
+            Cells per minibatch, half controls and half perturbed cells (must be even).
+        lr
+            Adam learning rate. 3e-3 learned fastest on a CPU budget in our comparison of 1e-4
+            (the paper's, too slow for a few epochs), 1e-3 and 3e-3 (``benchmarks/RESULTS.md``).
+        weight_decay
+            Adam weight decay.
+        early_stopping
+            Stop when the validation loss has not improved for ``early_stopping_patience`` epochs
+            (disabled under DDP by scvi-tools, and without validation cells).
+        early_stopping_patience
+            Epochs without improvement before stopping.
+        n_epochs_kl_warmup
+            Epochs over which the KL weight grows linearly from 0 to 1, instead of steps.
+        n_steps_kl_warmup
+            Minibatches over which the KL weight grows from 0 to 1. Default: a third of all
+            training steps.
+        gradient_clip_val
+            Clip the gradient norm to this value (`None`: no clipping).
+        accelerator
+            ``"auto"``, ``"cpu"``, ``"gpu"``, ...
+        devices
+            Devices to use; with ``strategy="ddp"`` each rank trains on its own shard of both
+            control and perturbed cells.
+        precision
+            Lightning precision, e.g. ``"bf16-mixed"`` on recent GPUs.
+        train_size
+            Fraction of cells (controls and perturbed alike) used for training; ``1.0`` trains on
+            every cell without validation (and without early stopping).
+        validation_size
+            Fraction used for validation (default: the rest).
+        num_workers
+            Data-loader worker processes.
+        window_chunks
+            Store chunks shuffled together; larger mixes better, smaller reads more sequentially.
+        save_checkpoints
+            Save a checkpoint (``last.ckpt``) at the end of every epoch, and
+            ``interrupted.ckpt`` when Ctrl-C stops training.
+        checkpoint_dir
+            Folder of the checkpoints. Default: a run folder under ``scvi.settings.logging_dir``,
+            ``<logging_dir>/<model>_<run name>/checkpoints``.
+        ckpt_path
+            Resume from this checkpoint (e.g. ``<checkpoint_dir>/last.ckpt``): call ``train`` with
+            the same arguments as the run that wrote it. Resuming from ``last.ckpt`` (the end of
+            an epoch) continues exactly like the uninterrupted run (the noise of each epoch is
+            seeded from ``scvi.settings.seed`` and the epoch); ``interrupted.ckpt`` holds the
+            weights at the moment of a Ctrl-C, and resuming from it counts the stopped epoch as
+            done.
+        divergence_factor
+            Stop (and raise) when a loss rises above the first step's by this many times its
+            magnitude; `None`: only NaN/inf losses or weights count as divergence.
+        enable_progress_bar
+            Show a per-step progress bar with the cells trained per second.
+        datasplitter_kwargs
+            More arguments of :class:`~mcvi_ops.dataloaders.CropDataSplitter`.
+        plan_kwargs
+            More arguments of :class:`scvi.train.TrainingPlan`.
+        **trainer_kwargs
+            More arguments of :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`
+            (e.g. ``strategy="ddp"``, ``callbacks=[...]``).
+
+        Returns
+        -------
+        Nothing; training curves are in ``model.history``.
+
+        Examples
+        --------
+        >>> model.train(max_epochs=10, checkpoint_dir="run1")  # doctest: +SKIP
+        >>> # after Ctrl-C, or in a new session with a new model on the same data:
+        >>> model.train(max_epochs=10, ckpt_path="run1/last.ckpt")  # doctest: +SKIP
+        """
+        if batch_size < 2 or (self._balanced_training and batch_size % 2):
+            msg = (
+                f"`batch_size` must be an even number >= 2 (half controls, half perturbed cells), "
+                f"got {batch_size}."
+            )
+            raise ValueError(msg)
+        default_epochs = default_max_epochs(self.adata.n_obs)
+        if max_epochs is None:
+            max_epochs = default_epochs
+        max_epochs = _check_positive_int(
+            max_epochs,
+            "max_epochs",
+            f"Pass the number of passes over the data, or None for "
+            f"the default ({default_epochs} for {self.adata.n_obs} cells).",
+        )
+        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+            msg = f"`lr` must be a positive number, got {lr!r}."
+            raise ValueError(msg)
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            msg = (
+                f"No checkpoint at {str(ckpt_path)!r}. Pass the `last.ckpt` (or "
+                "`interrupted.ckpt`) of the run to resume, from its `checkpoint_dir`."
+            )
+            raise FileNotFoundError(msg)
+        self._check_store(self.adata_manager)
+        splitter = self._data_splitter_cls(
+            self.adata_manager,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy")),
+            **{
+                "balanced": self._balanced_training,
+                "num_workers": num_workers,
+                "window_chunks": window_chunks,
+                **(datasplitter_kwargs or {}),
+            },
+        )
+        if n_epochs_kl_warmup is None and n_steps_kl_warmup is None:
+            # warm up over the first third of all steps (per step, so 1-2 epoch runs on big
+            # screens warm up smoothly instead of jumping from 0 to 1 at an epoch boundary)
+            n_steps_kl_warmup = max(
+                1, self._steps_per_epoch(batch_size, train_size) * max_epochs // 3
+            )
+        plan = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "n_epochs_kl_warmup": n_epochs_kl_warmup,
+            "n_steps_kl_warmup": n_steps_kl_warmup,
+            **(plan_kwargs or {}),
+        }
+        if splitter.n_val > 0:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
+        else:
+            if early_stopping:
+                logger.info(
+                    "No validation cells (train_size=%g): training without validation and "
+                    "without early stopping.",
+                    train_size,
+                )
+            early_stopping = False
+            trainer_kwargs["limit_val_batches"] = 0
+        # our batch sampler shards per rank itself; Lightning must not replace it
+        trainer_kwargs.setdefault("use_distributed_sampler", False)
+        if gradient_clip_val is not None:
+            trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
+        if precision is not None:
+            trainer_kwargs["precision"] = precision
+        trainer_kwargs["callbacks"] = self._training_callbacks(
+            trainer_kwargs,
+            divergence_factor=divergence_factor,
+            checkpoint_dir=self._checkpoint_dir(checkpoint_dir) if save_checkpoints else None,
+            enable_progress_bar=enable_progress_bar,
+        )
+        trainer_kwargs["enable_progress_bar"] = enable_progress_bar
+        trainer_kwargs["simple_progress_bar"] = False
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            datamodule=splitter,
+            plan_kwargs=plan,
+            ckpt_path=None if ckpt_path is None else str(ckpt_path),
+            **trainer_kwargs,
+        )
+
+    def _training_callbacks(
+        self,
+        trainer_kwargs: dict[str, Any],
+        *,
+        divergence_factor: float | None,
+        checkpoint_dir: Path | None,
+        enable_progress_bar: bool,
+    ) -> list:
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        crop_indices = np.asarray(self.adata_manager.get_from_registry(IMAGE_KEY)).reshape(-1)
+        guard = DivergenceGuard(divergence_factor)
+        callbacks += [CheckInputs(self.adata.obs_names, crop_indices), guard]
+        callbacks.append(EpochSeed(_default_seed()))
+        if checkpoint_dir is not None:
+            callbacks.append(EpochCheckpoint(checkpoint_dir, guard=guard))
+            logger.info("Checkpoints of each epoch go to %s", checkpoint_dir / "last.ckpt")
+        refresh = trainer_kwargs.pop("progress_bar_refresh_rate", 1)
+        if enable_progress_bar:
+            callbacks.append(CellsPerSecondBar(refresh_rate=refresh))
+        return callbacks
+
+    def _checkpoint_dir(self, checkpoint_dir: str | os.PathLike | None) -> Path:
+        if checkpoint_dir is not None:
+            return Path(checkpoint_dir)
+        run = f"{type(self).__name__}_{self.run_name}_{self.id[:8]}"
+        return Path(settings.logging_dir) / run / "checkpoints"
+
+    def _steps_per_epoch(self, batch_size: int, train_size: float) -> int:
+        control = self._is_control_cell()
+        if self._balanced_training:
+            n_cells, per_batch = int((~control).sum()), batch_size // 2
+        else:
+            n_cells, per_batch = len(control), batch_size
+        return max(1, math.ceil(n_cells * train_size / per_batch))

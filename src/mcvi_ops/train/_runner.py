@@ -1,0 +1,119 @@
+"""The training runner of the image models: scvi-tools' TrainRunner with safe ends."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+
+import torch
+from lightning.pytorch.trainer.states import TrainerStatus
+from scvi.train import TrainRunner
+
+from ._callbacks import (
+    DivergenceGuard,
+    EpochCheckpoint,
+    StopOnInterrupt,
+    TrainingDivergedError,
+    save_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ImageTrainRunner(TrainRunner):
+    """scvi-tools' :class:`~scvi.train.TrainRunner` that ends every way cleanly.
+
+    - Ctrl-C stops after the current step (:class:`StopOnInterrupt`): the weights, the history so
+      far and a checkpoint (``interrupted.ckpt`` beside ``last.ckpt``) are kept and the model is
+      usable; a second Ctrl-C stops at once and re-raises :class:`KeyboardInterrupt`.
+    - Divergence (:class:`DivergenceGuard`) raises :class:`TrainingDivergedError` after the last
+      good weights are put back, without marking the model as trained.
+    - Errors propagate unchanged, after the history is kept (without scvi-tools' misleading
+      ``Exception raised during training. <class 'NameError'>`` print).
+    - Resuming from ``ckpt_path`` loads the checkpoint with ``weights_only=True`` (no code runs).
+
+    Examples
+    --------
+    The image models use it (``_train_runner_cls``); ``model.train()`` runs it:
+
+    >>> model.train(max_epochs=10, checkpoint_dir="run1")  # doctest: +SKIP
+    """
+
+    def _callback(self, cls):
+        return next((c for c in self.trainer.callbacks if isinstance(c, cls)), None)
+
+    def _run_training_core(self) -> None:
+        guard = self._callback(DivergenceGuard)
+        fit_kwargs = {"ckpt_path": self.ckpt_path}
+        if self.ckpt_path is not None:
+            fit_kwargs["weights_only"] = True
+        with StopOnInterrupt(self.trainer) as interrupt:
+            try:
+                self.trainer.fit(self.training_plan, self.data_splitter, **fit_kwargs)
+            except BaseException as err:
+                self._update_history()
+                self._release_memory()
+                if isinstance(err, SystemExit | KeyboardInterrupt) and (
+                    self.trainer.state.status == TrainerStatus.INTERRUPTED
+                ):
+                    # Lightning turns Ctrl-C into sys.exit(1); hand the user their interrupt
+                    self._finish(trained=False)
+                    logger.warning(
+                        "Training stopped by a second Ctrl-C; the model keeps its current weights "
+                        "but is not marked as trained (checkpoint of the last complete epoch: %s).",
+                        self._checkpoint_hint(),
+                    )
+                    raise KeyboardInterrupt from None
+                if guard is not None and guard.diverged is not None:
+                    self._finish(trained=False)
+                    raise TrainingDivergedError(guard.message) from err
+                raise
+        self._update_history()
+        if guard is not None and guard.diverged is not None:
+            self._finish(trained=False)
+            raise TrainingDivergedError(guard.message)
+        if interrupt.requested:
+            path = self._save_interrupted()
+            resume = (
+                f"To continue, call train() again with the same arguments and `ckpt_path="
+                f"{str(self._checkpoint_hint())!r}` (the last complete epoch; the stopped epoch's "
+                f"state is in {str(path)!r})."
+                if path is not None
+                else "No checkpoint was saved (`save_checkpoints=False`)."
+            )
+            logger.warning(
+                "Training was stopped by Ctrl-C after %d steps. The model keeps the weights and "
+                "history so far and can be used and saved. %s",
+                self.trainer.global_step,
+                resume,
+            )
+        self._finish(trained=True)
+
+    def _finish(self, *, trained: bool) -> None:
+        # data splitter only gets these attributes after fit
+        self.model.train_indices = getattr(self.data_splitter, "train_idx", None)
+        self.model.test_indices = getattr(self.data_splitter, "test_idx", None)
+        self.model.validation_indices = getattr(self.data_splitter, "val_idx", None)
+        self.model.module.eval()
+        if trained:
+            self.model.is_trained_ = True
+        self.model.to_device(self.device)
+        self.model.trainer = self.trainer
+
+    def _checkpoint_hint(self) -> Path | str:
+        saver = self._callback(EpochCheckpoint)
+        if saver is not None and saver.last_path.exists():
+            return saver.last_path
+        return "no complete epoch was saved"
+
+    def _save_interrupted(self) -> Path | None:
+        saver = self._callback(EpochCheckpoint)
+        if saver is None:
+            return None
+        return save_checkpoint(self.trainer, saver.dirpath / "interrupted.ckpt")
+
+    def _release_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
