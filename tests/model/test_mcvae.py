@@ -232,3 +232,35 @@ def test_default_max_epochs_heuristic():
     assert default_max_epochs(31_000_000) == 2
     assert default_max_epochs(10_000) > default_max_epochs(100_000) >= 2
     assert default_max_epochs(10) == 40
+
+
+def test_intensity_factors(screen):
+    mcvi_ops.pp.derive_covariates(screen)
+    mcvi_ops.pp.estimate_intensity_factors(screen, batch_key="batch", max_cells=500)
+    MCVAE.setup_anndata(
+        screen,
+        perturbation_key="gene_symbol",
+        batch_key="batch",
+        intensity_factor_key="intensity_factors",
+    )
+    model = MCVAE(screen, n_salient_latent=5, n_background_latent=7, **FAST_MODULE)
+    dark = np.asarray(screen.uns["intensity_factors"]["dark_level"])
+    np.testing.assert_allclose(model.module.dark_level.reshape(-1).numpy(), dark, rtol=1e-6)
+    batch = next(iter(model._make_data_loader(adata=screen, indices=np.arange(8))))
+    assert batch["intensity_factors"].shape == (8, 4)
+    # the module divides each crop by its factors above the dark level
+    corrected = model.module.correct_intensity(batch["X"], batch["intensity_factors"])
+    expected = (batch["X"] - torch.as_tensor(dark, dtype=torch.float32).view(1, -1, 1, 1)) / batch[
+        "intensity_factors"
+    ].view(8, 4, 1, 1) + torch.as_tensor(dark, dtype=torch.float32).view(1, -1, 1, 1)
+    torch.testing.assert_close(corrected, expected)
+    model.train(**FAST_TRAIN)
+    assert model.get_latent_representation(kind="salient").shape == (screen.n_obs, 5)
+    screen.obsm["bad_factors"] = -screen.obsm["intensity_factors"]
+    screen.uns["bad_factors"] = screen.uns["intensity_factors"]
+    with pytest.raises(ValueError, match="positive, finite factors"):
+        MCVAE.setup_anndata(
+            screen, perturbation_key="gene_symbol", intensity_factor_key="bad_factors"
+        )
+    with pytest.raises(KeyError, match="estimate_intensity_factors"):
+        MCVAE.setup_anndata(screen, perturbation_key="gene_symbol", intensity_factor_key="nope")

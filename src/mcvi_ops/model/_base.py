@@ -17,16 +17,17 @@ from anndata import AnnData, read_h5ad
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data._constants import _MODEL_NAME_KEY, _SETUP_ARGS_KEY
-from scvi.data.fields import CategoricalObsField
+from scvi.data.fields import CategoricalObsField, ObsmField
 from scvi.model._utils import parse_device_args
 from scvi.model.base import BaseModelClass, VAEMixin
 from scvi.model.base._constants import SAVE_KEYS
 from scvi.model.base._save_load import _initialize_model
 from scvi.utils import setup_anndata_dsp
 
-from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, PERTURBATION_KEY
+from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, INTENSITY_FACTOR_KEY, PERTURBATION_KEY
 from mcvi_ops.data._fields import ImageField, IntensityOption, PerturbationField
 from mcvi_ops.data._link import UNS_KEY, StoreChangedError, crop_reference, linked_store
+from mcvi_ops.pp._intensity import apply_intensity_factors
 from mcvi_ops.train._callbacks import NonFiniteCropsError, describe_cells, nonfinite_crops_message
 
 from . import _save_load
@@ -35,7 +36,34 @@ from ._train import ImageTrainingMixin
 
 logger = logging.getLogger(__name__)
 
+
 #: set while `load` builds a model: the input transform's statistics come from the saved file
+def _check_intensity_factors(adata: AnnData, key: str) -> None:
+    """The factors must be positive, finite, one row per cell and come with their dark level."""
+    hint = "Run `mcvi_ops.pp.estimate_intensity_factors(adata, key_added=...)` first."
+    if key not in adata.obsm:
+        msg = f"Did not find .obsm[{key!r}] (keys: {list(adata.obsm.keys())}). {hint}"
+        raise KeyError(msg)
+    factors = np.asarray(adata.obsm[key], dtype=np.float64)
+    if factors.ndim != 2 or not (np.isfinite(factors).all() and (factors > 0).all()):
+        msg = (
+            f".obsm[{key!r}] must hold positive, finite factors of shape (n_cells, n_channels); "
+            f"got shape {factors.shape} with {int((~np.isfinite(factors)).sum())} non-finite and "
+            f"{int((factors <= 0).sum())} non-positive values. {hint}"
+        )
+        raise ValueError(msg)
+    info = adata.uns.get(key)
+    if not isinstance(info, dict) or "dark_level" not in info:
+        msg = f"Did not find the dark level in .uns[{key!r}]['dark_level']. {hint}"
+        raise KeyError(msg)
+    if len(info["dark_level"]) != factors.shape[1]:
+        msg = (
+            f".uns[{key!r}]['dark_level'] has {len(info['dark_level'])} channels but the factors "
+            f"have {factors.shape[1]}. {hint}"
+        )
+        raise ValueError(msg)
+
+
 _LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("mcvi_ops_loading", default=False)
 
 
@@ -67,10 +95,11 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         control_category: str = "nontargeting",
         *,
         batch_key: str | None = None,
+        intensity_factor_key: str | None = None,
         uns_key: str = UNS_KEY,
         **kwargs,
     ) -> None:
-        """Register the crops, the perturbations and an optional batch covariate.
+        """Register the crops, the perturbations, an optional batch and intensity factors.
 
         Parameters
         ----------
@@ -82,6 +111,13 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
             The category of control cells; it always gets code 0.
         batch_key
             Optional column of a technical batch (e.g. plate and well), fed to the decoder only.
+        intensity_factor_key
+            Optional key of ``adata.obsm`` holding per-cell, per-channel intensity factors
+            (field-of-view illumination times batch gains) from
+            :func:`~mcvi_ops.pp.estimate_intensity_factors`; every crop is divided by its factors
+            above the dark level before the model sees it, so neither latent can read the
+            well or the position in the field of view from the intensities. Recommended for
+            screens imaged over many tiles and wells.
         uns_key
             Key of the crop-store reference in ``adata.uns``.
         **kwargs
@@ -103,6 +139,9 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
                 )
                 raise KeyError(msg)
             fields.append(CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key))
+        if intensity_factor_key is not None:
+            _check_intensity_factors(adata, intensity_factor_key)
+            fields.append(ObsmField(INTENSITY_FACTOR_KEY, intensity_factor_key))
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
@@ -120,6 +159,20 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
             int(stats["n_perturbation"]),
             n_batch,
         )
+
+    def _intensity_factors(self) -> np.ndarray | None:
+        """The registered intensity factors (cells x channels), or `None`."""
+        if INTENSITY_FACTOR_KEY not in self.adata_manager.data_registry:
+            return None
+        return np.asarray(self.adata_manager.get_from_registry(INTENSITY_FACTOR_KEY))
+
+    def _set_dark_level(self) -> None:
+        """Copy the dark level recorded with the intensity factors into the module."""
+        if _LOADING.get() or INTENSITY_FACTOR_KEY not in self.adata_manager.data_registry:
+            return
+        key = self.adata_manager.registry["setup_args"]["intensity_factor_key"]
+        dark = np.asarray(self.adata.uns[key]["dark_level"], dtype=np.float32)
+        self.module.dark_level.copy_(torch.as_tensor(dark).view(-1, 1, 1))
 
     def _fit_input_transform(self, *, max_cells: int = 2_000, seed: int = 0) -> None:
         """Fit the arcsinh/scaling statistics of the module's input transform on control cells.
@@ -142,6 +195,10 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
                 cells = describe_cells(crop_index[controls][bad], self.adata.obs_names, crop_index)
                 where = f"among {len(controls)} control cells sampled to scale the inputs"
                 raise NonFiniteCropsError(nonfinite_crops_message(where, cells, int(bad.sum())))
+        factors = self._intensity_factors()
+        if factors is not None:
+            dark = self.module.dark_level.reshape(-1).cpu().numpy()
+            crops = apply_intensity_factors(crops, factors[controls], dark)
         excluded = self.module.transform.fit(crops)
         if excluded.any():
             names = [str(n) for n in self.adata.obs_names[controls[excluded]][:5]]

@@ -94,6 +94,7 @@ class MCVAE(BaseImageModel):
             wasserstein_penalty=wasserstein_penalty,
             **module_kwargs,
         )
+        self._set_dark_level()
         self._fit_input_transform()
         name = {"both": "mcVAE", "none": "cVAE"}.get(prior, f"mcVAE (prior on {prior} only)")
         self._model_summary_string = (

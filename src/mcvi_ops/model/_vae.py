@@ -54,6 +54,7 @@ class VAE(BaseImageModel):
         self.module = self._module_cls(
             n_channels, crop_size, n_batch=n_batch, n_latent=n_latent, **module_kwargs
         )
+        self._set_dark_level()
         self._fit_input_transform()
         self._model_summary_string = (
             f"VAE: {n_channels} channels, {crop_size[0]}x{crop_size[1]} px crops, "
