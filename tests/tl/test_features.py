@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from sklearn.decomposition import PCA
 
-from mcvi_ops.tl import feature_embedding, to_mudata
+from mcvi_ops.tl import feature_embedding, normalize_to_controls, to_mudata
 
 
 def _features(seed=0):
@@ -37,6 +37,18 @@ def test_per_batch_control_standardisation_then_pca():
         x[rows] = (x[rows] - ctrl.mean(0)) / ctrl.std(0, ddof=1)
     ref = PCA(n_components=3, random_state=0).fit_transform(x)
     np.testing.assert_allclose(np.abs(emb), np.abs(ref), atol=1e-4)
+
+
+def test_feature_embedding_with_tvn_is_tvn_then_pca():
+    adata = _features()
+    emb = feature_embedding(adata, batch_key="well", n_comps=3, method="tvn")
+    assert adata.uns["X_features_pca"]["params"]["method"] == "tvn"
+    assert list(adata.uns["X_features_pca"]["features"]) == ["f0", "f1", "f2", "f3", "f4"]
+    normalised = normalize_to_controls(adata, batch_key="well", method="tvn")
+    ref = PCA(n_components=3, random_state=0).fit_transform(normalised.astype(np.float64))
+    np.testing.assert_allclose(np.abs(emb), np.abs(ref), atol=1e-4)
+    with pytest.raises(ValueError, match="method must be 'center_scale' or 'tvn'"):
+        feature_embedding(adata, batch_key="well", method="pca")
 
 
 def test_feature_embedding_errors():

@@ -1,7 +1,16 @@
-"""Analysis tools: aggregation to guides and genes, phenotype novelty and the feature baseline."""
+"""Analysis tools: CellProfiler features, control normalisation, aggregation and phenotype novelty."""
 
 from ._aggregate import aggregate
+from ._cellprofiler import cellprofiler_features
 from ._features import feature_embedding, to_mudata
+from ._normalize import normalize_to_controls
 from ._novelty import phenotype_novelty
 
-__all__ = ["aggregate", "feature_embedding", "phenotype_novelty", "to_mudata"]
+__all__ = [
+    "aggregate",
+    "cellprofiler_features",
+    "feature_embedding",
+    "normalize_to_controls",
+    "phenotype_novelty",
+    "to_mudata",
+]

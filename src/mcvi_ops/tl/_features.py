@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import numpy as np
-import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 from sklearn.decomposition import PCA
 
-from ._utils import check_obs_key
+from ._normalize import _groups, _normalize
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +25,16 @@ def feature_embedding(
     layer: str | None = None,
     seed: int = 0,
     key_added: str = "X_features_pca",
+    method: Literal["center_scale", "tvn"] = "center_scale",
 ) -> np.ndarray:
     """Embed per-cell feature tables the way the paper's CellProfiler baseline does.
 
     Within each batch, every feature is standardised against that batch's control cells
-    (subtract the control mean, divide by the control standard deviation); then PCA reduces the
-    standardised table to ``n_comps`` dimensions. Features without spread in the controls of some
-    batch (or not finite there) are dropped; remaining non-finite values are set to 0 (the control
-    mean) with a warning.
+    (subtract the control mean, divide by the control standard deviation, ``method="center_scale"``)
+    or the table is TVN-normalised on the controls (``method="tvn"``, see
+    :func:`~mcvi_ops.tl.normalize_to_controls`); then PCA reduces it to ``n_comps`` dimensions.
+    Features without spread in the controls of some batch (or not finite there) are dropped;
+    remaining non-finite values are set to 0 (the control mean) with a warning.
 
     Parameters
     ----------
@@ -51,6 +53,9 @@ def feature_embedding(
         Random state of the PCA solver.
     key_added
         Key in ``.obsm``.
+    method
+        ``"center_scale"`` (the paper's baseline) or ``"tvn"``, as in
+        :func:`~mcvi_ops.tl.normalize_to_controls`.
 
     Returns
     -------
@@ -71,42 +76,14 @@ def feature_embedding(
         msg = "The feature table (.X or `layer`) is empty; put per-cell features in .X first."
         raise ValueError(msg)
     x = x.toarray() if sparse.issparse(x) else np.asarray(x)
-    x = x.astype(np.float64, copy=True)
-    batches = check_obs_key(features_adata, batch_key, what="batch").astype(str).to_numpy()
-    is_ctrl = (
-        check_obs_key(features_adata, perturbation_key, what="perturbation").astype(str)
-        == str(control_category)
-    ).to_numpy()
-    keep_feature = np.ones(x.shape[1], dtype=bool)
-    for b in pd.unique(batches):
-        in_batch = batches == b
-        ctrl = x[in_batch & is_ctrl]
-        if ctrl.shape[0] < 2:
-            msg = (
-                f"Batch {b!r} of .obs[{batch_key!r}] has {ctrl.shape[0]} control cells "
-                f"(.obs[{perturbation_key!r}] == {control_category!r}); need at least 2 to "
-                "standardise against controls. Merge small batches or pick another `batch_key`."
-            )
-            raise ValueError(msg)
-        with np.errstate(invalid="ignore"):
-            mean = np.nanmean(ctrl, axis=0)
-            sd = np.nanstd(ctrl, axis=0, ddof=1)
-        bad = ~np.isfinite(sd) | (sd <= 0) | ~np.isfinite(mean)
-        keep_feature &= ~bad
-        x[in_batch] = (x[in_batch] - mean) / np.where(bad, 1.0, sd)
-    if not keep_feature.all():
-        logger.warning(
-            "Dropping %d features with no spread in the controls of some batch.",
-            (~keep_feature).sum(),
-        )
-    x = x[:, keep_feature]
-    if x.shape[1] == 0:
-        msg = "No feature varies within the controls of every batch; nothing to embed."
-        raise ValueError(msg)
-    nonfinite = ~np.isfinite(x)
-    if nonfinite.any():
-        logger.warning("Setting %d non-finite values to 0 (the control mean).", nonfinite.sum())
-        x[nonfinite] = 0.0
+    batches, is_ctrl = _groups(features_adata, batch_key, perturbation_key, control_category)
+    x, keep_feature = _normalize(
+        x,
+        batches,
+        is_ctrl,
+        method=method,
+        describe=(batch_key, perturbation_key, control_category),
+    )
     n = min(n_comps, x.shape[1], x.shape[0] - 1)
     if n < n_comps:
         logger.warning("Using %d components instead of %d (data too small).", n, n_comps)
@@ -120,6 +97,7 @@ def feature_embedding(
             "control_category": control_category,
             "n_comps": int(n),
             "layer": layer,
+            "method": method,
         },
         "variance_ratio": pca.explained_variance_ratio_,
         "features": np.asarray(features_adata.var_names[keep_feature], dtype=str),
