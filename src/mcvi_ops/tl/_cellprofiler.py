@@ -24,6 +24,8 @@ from mcvi_ops._constants import UNS
 from mcvi_ops.data import CropStore, linked_store, open_crops
 from mcvi_ops.data._link import crop_reference
 
+from ._segment import central_label, segment_cell, segment_nuclei
+
 logger = logging.getLogger(__name__)
 
 Family = Literal[
@@ -470,79 +472,24 @@ def _objects(pixels, crop, label_crop, config: _Config) -> tuple[np.ndarray, np.
         )
 
     if config.nuclei_mask is None:
-        nuclei_labels = _segment_nuclei(pixels[config.nucleus_channel])
+        nuclei_labels = segment_nuclei(pixels[config.nucleus_channel])
     else:
         nuclei_labels = label_image(config.nuclei_mask)
-    chosen = _central_label(nuclei_labels)
+    chosen = central_label(nuclei_labels)
     nucleus = nuclei_labels == chosen if chosen else np.zeros(nuclei_labels.shape, dtype=bool)
     if config.cells_mask is not None:
         cell_labels = label_image(config.cells_mask)
         overlap = cell_labels[nucleus]
         overlap = overlap[overlap > 0]
-        cell_id = np.bincount(overlap).argmax() if overlap.size else _central_label(cell_labels)
+        cell_id = np.bincount(overlap).argmax() if overlap.size else central_label(cell_labels)
         cell = cell_labels == cell_id if cell_id else np.zeros_like(nucleus)
     elif not chosen:
         cell = np.zeros_like(nucleus)
     else:
-        cell = _segment_cell(pixels, config.cell_channels, nuclei_labels, chosen)
+        cell = segment_cell(pixels, config.cell_channels, nuclei_labels, chosen)
     return nucleus, cell
 
 
-def _segment_nuclei(dna: np.ndarray) -> np.ndarray:
-    """Otsu threshold of the smoothed nuclear channel, declumped by shape, specks removed."""
-    from scipy import ndimage as ndi
-    from skimage.filters import threshold_otsu
-    from skimage.segmentation import watershed
-
-    smooth = ndi.gaussian_filter(dna, 1.0)
-    if np.ptp(smooth) <= 0:
-        return np.zeros(dna.shape, dtype=np.int64)
-    foreground = ndi.binary_fill_holes(smooth > threshold_otsu(smooth))
-    # touching nuclei: one marker per peak of the distance to the background, peaks at least
-    # a tenth of the crop apart (crops are a few nuclei wide)
-    distance = ndi.gaussian_filter(ndi.distance_transform_edt(foreground), 1.0)
-    window = max(7, min(dna.shape) // 10)
-    peaks = (distance == ndi.maximum_filter(distance, size=window)) & (distance > 1)
-    labels = watershed(-distance, ndi.label(peaks)[0], mask=foreground)
-    large = np.bincount(labels.ravel()) >= max(4, dna.size // 400)
-    large[0] = False
-    return np.where(large[labels], labels, 0).astype(np.int64)
-
-
-def _central_label(labels: np.ndarray) -> int:
-    """The label at the crop centre, or of the labelled pixel nearest to it (0 if none)."""
-    from scipy import ndimage as ndi
-
-    centre = (labels.shape[0] // 2, labels.shape[1] // 2)
-    if labels[centre] > 0:
-        return int(labels[centre])
-    if not (labels > 0).any():
-        return 0
-    _, (rows, cols) = ndi.distance_transform_edt(labels == 0, return_indices=True)
-    return int(labels[rows[centre], cols[centre]])
-
-
-def _segment_cell(pixels, cell_channels, nuclei_labels, chosen: int) -> np.ndarray:
-    """CellProfiler's "Distance - B": each foreground pixel goes to its nearest nucleus."""
-    from scipy import ndimage as ndi
-    from skimage.filters import threshold_li
-    from skimage.segmentation import watershed
-
-    nucleus = nuclei_labels == chosen
-    if not cell_channels:
-        return nucleus
-    # channels are on the store's scale, so a channel without signal in this crop adds little
-    body = sum(ndi.gaussian_filter(pixels[c], 2.0) for c in cell_channels)
-    if np.ptp(body) <= 0:
-        return nucleus
-    body = np.log(np.maximum(body, 0.0) + 1e-3)  # dim cytoplasm next to bright cells
-    foreground = ndi.binary_fill_holes((body > threshold_li(body)) | (nuclei_labels > 0))
-    distance = ndi.distance_transform_edt(nuclei_labels == 0)
-    regions = watershed(distance, markers=nuclei_labels, mask=foreground)
-    return ndi.binary_fill_holes((regions == chosen) | nucleus)
-
-
-# --- measurement -----------------------------------------------------------------------------
 def _measurements() -> tuple[dict, dict]:
     """cp-measure's functions, with its numba kernels where it has them.
 
