@@ -50,6 +50,13 @@ def test_both_is_salient_then_background(screen):
     both = model.get_latent_representation(kind="both")
     np.testing.assert_allclose(both[:, :3], model.get_latent_representation(kind="salient"))
     np.testing.assert_allclose(both[:, 3:], model.get_latent_representation(kind="background"))
+    # one call stores all three embeddings
+    for key in ("X_mcvae", "X_mcvae_salient", "X_mcvae_background"):
+        screen.obsm.pop(key, None)
+    model.get_latent_representation(kind="both", add_to_obsm=True)
+    np.testing.assert_allclose(screen.obsm["X_mcvae"], both)
+    np.testing.assert_allclose(screen.obsm["X_mcvae_salient"], both[:, :3])
+    np.testing.assert_allclose(screen.obsm["X_mcvae_background"], both[:, 3:])
 
 
 def test_training_batches_are_balanced(screen):

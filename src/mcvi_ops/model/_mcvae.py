@@ -129,15 +129,21 @@ class MCVAE(BaseImageModel):
         batch_size
             Cells per minibatch.
         add_to_obsm
-            Also write the result to ``adata.obsm`` (all rows only).
+            Also write the result to ``adata.obsm`` (all rows only). With ``kind="both"`` the
+            salient and background parts are written too, so one call stores all three.
         progress_bar
             Show a progress bar over the cells; `None`: when there are more than 10 minibatches.
 
         Returns
         -------
         Array of shape ``(n_cells, n_latent)``. With ``add_to_obsm=True`` also sets
-        ``adata.obsm["X_mcvae_salient"]``, ``adata.obsm["X_mcvae_background"]`` or
-        ``adata.obsm["X_mcvae"]`` (salient then background columns).
+
+        ``adata.obsm["X_mcvae_salient"]``
+            ``s`` (``kind="salient"`` or ``"both"``).
+        ``adata.obsm["X_mcvae_background"]``
+            ``z`` (``kind="background"`` or ``"both"``).
+        ``adata.obsm["X_mcvae"]``
+            ``s`` then ``z`` (``kind="both"``).
         """
         if kind not in _OBSM_KEYS:
             msg = f"`kind` must be 'salient', 'background' or 'both', got {kind!r}."
@@ -162,6 +168,10 @@ class MCVAE(BaseImageModel):
         if add_to_obsm:
             target = self.adata if adata is None else adata
             self._write_obsm(target, _OBSM_KEYS[kind], latent)
+            if kind == "both":
+                n_salient = self.module.n_salient_latent
+                self._write_obsm(target, OBSM.salient, latent[:, :n_salient])
+                self._write_obsm(target, OBSM.background, latent[:, n_salient:])
         return latent
 
     def get_perturbation_priors(self) -> pd.DataFrame:
