@@ -196,9 +196,9 @@ def test_loader_batches_match_store(cache_chunks):
     seen = []
     for rows, batch in zip(loader.sampler, loader, strict=True):
         assert set(batch) == {"X", "crop_index", "perturbation", "batch"}
-        assert batch["X"].dtype == torch.float32 and batch["X"].shape == (len(rows), 2, 16, 16)
-        expected = store.take(crop_index[rows]).astype(np.float32)
-        np.testing.assert_array_equal(batch["X"].numpy(), expected)
+        # the store's dtype, not float32: the module converts on the device
+        assert batch["X"].dtype == torch.uint16 and batch["X"].shape == (len(rows), 2, 16, 16)
+        np.testing.assert_array_equal(batch["X"].numpy(), store.take(crop_index[rows]))
         assert batch["perturbation"].dtype == torch.long
         assert batch["perturbation"].shape == (len(rows), 1)
         np.testing.assert_array_equal(batch["perturbation"].numpy()[:, 0], codes[rows])

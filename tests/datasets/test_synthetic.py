@@ -181,6 +181,66 @@ def test_streaming_to_disk_matches_memory(tmp_path):
     assert not np.array_equal(get_crops(again), get_crops(memory))
 
 
+# --- the screen's own known relationships ----------------------------------------------------
+def test_complexes_in_uns_match_the_ground_truth(screen):
+    complexes = screen.uns["synthetic_screen"]["complexes"]
+    truth = screen.uns["ground_truth"]
+    with_complex = truth[truth["complex"] != "none"]
+    assert set(complexes) == set(with_complex["complex"])
+    for name, members in complexes.items():
+        assert sorted(members) == sorted(with_complex.index[with_complex["complex"] == name])
+        assert with_complex.loc[members, "effect"].nunique() == 1  # one effect per complex
+    assert "complexes_file" not in screen.uns["synthetic_screen"]  # in memory: no file
+
+
+def test_complexes_file_beside_the_store(tmp_path):
+    from mcvi_ops.metrics import known_relationships, read_gene_sets, read_relationships
+
+    path = tmp_path / "run1" / "screen.zarr"
+    adata = synthetic_screen(**SMALL, seed=4, path=path)
+    gmt = tmp_path / "run1" / "screen_complexes.gmt"
+    assert adata.uns["synthetic_screen"]["complexes_file"] == str(gmt)
+    sets = read_gene_sets(gmt, format="gmt")
+    assert sets == adata.uns["synthetic_screen"]["complexes"]
+    truth = adata.uns["ground_truth"]
+    for line in gmt.read_text().splitlines():
+        name, description, *members = line.split("\t")
+        effect = truth.loc[members[0], "effect"]
+        assert description == f"simulated {effect} ({truth.loc[members[0], 'effect_kind']})"
+    # a gene embedding that is its complex's one-hot code recovers every pair
+    pairs = read_relationships(gmt)
+    assert len(pairs) == sum(len(m) * (len(m) - 1) // 2 for m in sets.values())
+    genes = ad.AnnData(obs=pd.DataFrame(index=truth.index.astype(str)))
+    codes = pd.factorize(truth["complex"])[0]
+    genes.obsm["onehot"] = np.eye(codes.max() + 1)[codes] + 1e-3
+    scores = known_relationships(genes, use_rep="onehot", relationships=str(gmt), min_pairs=1)
+    ap = scores.query("metric == 'average_precision'")["value"].item()
+    assert ap == pytest.approx(1.0)
+
+
+def test_complexes_file_is_not_overwritten_silently(tmp_path):
+    path = tmp_path / "screen.zarr"
+    gmt = tmp_path / "screen_complexes.gmt"
+    gmt.write_text("mine\n")
+    with pytest.raises(
+        FileExistsError, match="screen_complexes.gmt already exists.*overwrite=True"
+    ):
+        synthetic_screen(**SMALL, seed=4, path=path)
+    assert gmt.read_text() == "mine\n" and not path.exists()
+    synthetic_screen(**SMALL, seed=4, path=path, overwrite=True)
+    assert gmt.read_text().startswith("CPLX01\t")
+
+
+def test_complexes_file_next_to_a_url_store():
+    import fsspec
+
+    adata = synthetic_screen(**SMALL, seed=4, path="memory://gmt-test/screen.zarr")
+    target = adata.uns["synthetic_screen"]["complexes_file"]
+    assert target == "memory://gmt-test/screen_complexes.gmt"
+    with fsspec.open(target, "r") as fh:
+        assert fh.read().count("\n") == len(adata.uns["synthetic_screen"]["complexes"])
+
+
 # --- technical artefacts ---------------------------------------------------------------------
 def test_vignetting_dims_the_edge_of_the_field(screen, crops):
     dist = np.hypot(screen.obs["cell_i"] - 1480, screen.obs["cell_j"] - 1480).to_numpy()
@@ -297,6 +357,8 @@ def test_ground_truth_survives_writing(screen, tmp_path, fmt):
         )
     info = back.uns["synthetic_screen"]
     assert list(info["tile_grid"]) == [6, 6] and list(info["channel_names"]) == CHANNELS
+    complexes = screen.uns["synthetic_screen"]["complexes"]
+    assert {k: list(v) for k, v in info["complexes"].items()} == complexes
     pd.testing.assert_frame_equal(back.obs, screen.obs, check_dtype=False)
     np.testing.assert_array_equal(get_crops(back, [3, 4]), get_crops(screen, [3, 4]))
 

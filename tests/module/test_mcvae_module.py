@@ -77,6 +77,32 @@ def test_sample_decodes_priors():
     assert images.shape == (3, 2, 2, 32, 32)
 
 
+def test_reconstruct_and_sample_decode_controls_with_zero_salient():
+    module = MultiContrastiveVAE(2, (32, 32), 4, n_salient_latent=5).eval()
+    with torch.no_grad():
+        module.salient_prior_mean.weight.fill_(1.0)
+    batch = _batch()
+    qz = module.inference(**module._get_inference_input(batch))["qz"]
+    control = batch["perturbation"].reshape(-1) == 0
+    zero = torch.zeros(int(control.sum()), 5)
+    expected = module.generative(qz.loc[control], zero)["px_mean"]
+    torch.testing.assert_close(module.reconstruct(batch)[control], expected)
+    # drawn from the priors: the control's salient draw is replaced by 0 before decoding
+    decoded = []
+    generative = module.generative
+
+    def record(z, s, batch_index=None):
+        decoded.append(s)
+        return generative(z, s, batch_index)
+
+    module.generative = record
+    module.sample(torch.tensor([0, 2]), n_samples=3)
+    (s,) = decoded
+    assert s.shape == (3, 2, 5)
+    assert torch.equal(s[:, 0], torch.zeros(3, 5))
+    assert (s[:, 1] != 0).all()
+
+
 def test_transform_fit_and_inverse(rng):
     transform = CropTransform(2, cofactor=5.0)
     crops = rng.gamma(2.0, 300.0, size=(50, 2, 8, 8)).astype(np.float32)

@@ -226,3 +226,22 @@ def test_method_comparison_bars_chance_and_errors():
     # the default metrics match the synthetic screen's same-complex AP by its label
     ax = mpl.method_comparison(synthetic, method_key="representation", show=False)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["same-complex AP"]
+
+
+def test_method_comparison_chance_per_bar_when_methods_differ():
+    table = pd.DataFrame(
+        {
+            "method": ["X_mcvae", "X_vae"],
+            "metric": ["mAP", "mAP"],
+            "value": [0.5, 0.4],
+            "chance": [0.2, 0.3],
+        }
+    )
+    ax = mpl.method_comparison(table, show=False)
+    chance = [c for c in ax.collections if c.get_linestyle()[0][1] is not None]
+    segments = [seg for c in chance for seg in c.get_segments()]
+    # one dashed line over each bar, at that method's chance level and spanning its bar
+    assert sorted(seg[0][1] for seg in segments) == pytest.approx([0.2, 0.3])
+    for bar, level in zip(ax.patches, [0.2, 0.3], strict=True):
+        seg = next(s for s in segments if s[0][1] == pytest.approx(level))
+        assert [seg[0][0], seg[1][0]] == pytest.approx([bar.get_x(), bar.get_x() + bar.get_width()])

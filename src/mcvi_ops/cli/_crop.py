@@ -6,6 +6,8 @@ import argparse
 import logging
 from typing import Any
 
+from ._common import add_command
+
 logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """\
@@ -24,11 +26,11 @@ an AnnData of the kept cells in OUT/cells.h5ad. Rerunning an interrupted command
 
 def add_parser(subparsers: Any) -> None:
     """Add the ``crop`` subcommand to an :mod:`argparse` subparsers object."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "crop",
         help="cut single-cell crops out of raw tile images",
         description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--tiles", required=True, help="tile image file, folder, or path template (see above)"

@@ -147,10 +147,7 @@ def run(args: argparse.Namespace) -> int:
         f"{float(history['validation_loss'].iloc[-1, 0]):,.0f}"
     )
     start = time.perf_counter()
-    both = model.get_latent_representation(kind="both", add_to_obsm=True)
-    n_salient = model.module.n_salient_latent
-    adata.obsm["X_mcvae_salient"] = both[:, :n_salient]
-    adata.obsm["X_mcvae_background"] = both[:, n_salient:]
+    model.get_latent_representation(kind="both", add_to_obsm=True)  # all three embeddings
     print(f"Embedded {adata.n_obs:,} cells in {time.perf_counter() - start:.1f} s")
     pp.derive_covariates(adata)
     for path in _umaps(adata, out):

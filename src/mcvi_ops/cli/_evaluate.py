@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._train import check_obs_column, read_adata
+from ._common import add_command, check_obs_column, read_adata
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,11 @@ batch, fov_position and well_position.
 
 def add_parser(subparsers: Any) -> None:
     """Add the ``evaluate`` sub-command."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "evaluate",
         help="score embeddings (known relationships, technical covariates) -> CSV, PNG, report",
         description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("screen", metavar="SCREEN", type=Path, help="AnnData with embeddings")
     parser.add_argument(

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._common import add_command, check_obs_column, read_adata
+
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
@@ -58,11 +60,11 @@ def _even_int(text: str) -> int:
 
 def add_train_parser(subparsers: Any) -> None:
     """Add the ``train`` sub-command."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "train",
         help="train MCVAE on your screen (AnnData linked to crops) -> model + embeddings",
         description=_TRAIN_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("cells", metavar="CELLS", type=Path, help="AnnData (.h5ad) linked to crops")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -107,11 +109,11 @@ def add_train_parser(subparsers: Any) -> None:
 
 def add_embed_parser(subparsers: Any) -> None:
     """Add the ``embed`` sub-command."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "embed",
         help="embed cells with a trained model -> h5ad with X_mcvae_salient/background",
         description=_EMBED_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL", type=Path, help="model folder of 'train'")
     parser.add_argument("cells", metavar="CELLS", type=Path, help="AnnData (.h5ad) linked to crops")
@@ -124,66 +126,6 @@ def add_embed_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.set_defaults(func=run_embed)
-
-
-# --- shared by train, embed and evaluate -------------------------------------------------------
-def read_adata(path: Path, *, linked: bool = True):
-    """Read an AnnData file, checking that it exists and, if ``linked``, that its crops exist."""
-    import anndata as ad
-
-    if not path.exists():
-        msg = f"{str(path)!r} does not exist. Pass the AnnData (.h5ad) file of your cells."
-        raise FileNotFoundError(msg)
-    if path.suffix == ".zarr" or (path.is_dir() and (path / "zarr.json").exists()):
-        adata = ad.read_zarr(path)
-    elif path.suffix == ".h5ad":
-        adata = ad.read_h5ad(path)
-    else:
-        msg = f"{str(path)!r} is not an AnnData file; pass a .h5ad (or an AnnData .zarr folder)."
-        raise ValueError(msg)
-    if linked:
-        from mcvi_ops.data import linked_store
-
-        try:
-            linked_store(adata)
-        except KeyError as err:
-            msg = (
-                f"{str(path)!r} is not linked to crops ({err.args[0]}). Make it with 'mcvi-ops "
-                "crop' or mcvi_ops.io (read_brieflow, read_scportrait, read_crop_folder, "
-                "crops_from_array)."
-            )
-            raise KeyError(msg) from err
-        except (FileNotFoundError, OSError, ValueError) as err:
-            url = dict(adata.uns["crops"]).get("url")
-            msg = (
-                f"The crop store {url!r} that {str(path)!r} links to cannot be opened ({err}). "
-                "Move it back, or relink with mcvi_ops.data.link_crops."
-            )
-            raise FileNotFoundError(msg) from err
-    return adata
-
-
-def check_obs_column(adata, column: str, flag: str, path: Path) -> None:
-    """Fail with the flag to fix when ``column`` is not in ``adata.obs``."""
-    if column not in adata.obs:
-        columns = list(adata.obs.columns)
-        shown = columns[:15] + (["..."] if len(columns) > 15 else [])
-        msg = (
-            f"{str(path)!r} has no obs column {column!r}; columns: {shown}. Pass {flag} naming "
-            "an existing column."
-        )
-        raise KeyError(msg)
-
-
-def embed(model, adata, *, batch_size: int | None = None) -> None:
-    """Write the salient, background and joint embeddings of every cell to ``adata.obsm``."""
-    from mcvi_ops._constants import OBSM
-
-    both = model.get_latent_representation(adata, kind="both", batch_size=batch_size)
-    n_salient = int(model.module.n_salient_latent)
-    adata.obsm[OBSM.salient] = both[:, :n_salient]
-    adata.obsm[OBSM.background] = both[:, n_salient:]
-    adata.obsm[OBSM.both] = both
 
 
 def _check_perturbations(adata, key: str, control: str, path: Path) -> tuple[int, int]:
@@ -282,7 +224,8 @@ def run_train(args: argparse.Namespace) -> int:
         valid = history["validation_loss"].dropna()
         line += f"; validation loss {float(valid.iloc[0]):,.0f} -> {float(valid.iloc[-1]):,.0f}"
     print(line + ".")
-    embed(model, adata, batch_size=max(args.batch_size, 256))
+    batch_size = max(args.batch_size, 256)
+    model.get_latent_representation(adata, kind="both", batch_size=batch_size, add_to_obsm=True)
     out.mkdir(parents=True, exist_ok=True)
     model.save(str(model_dir), overwrite=True, save_anndata=False)
     history.to_csv(out / HISTORY_NAME)
@@ -318,7 +261,9 @@ def run_embed(args: argparse.Namespace) -> int:
         adata.obs[key] = control
     start = time.perf_counter()
     model = MCVAE.load(str(args.model), adata=adata, accelerator=args.accelerator)
-    embed(model, adata, batch_size=args.batch_size)
+    model.get_latent_representation(
+        adata, kind="both", batch_size=args.batch_size, add_to_obsm=True
+    )
     seconds = time.perf_counter() - start
     if added:
         del adata.obs[key]

@@ -83,6 +83,21 @@ def check_channel_names(channel_names: Any) -> list[str]:
     return names
 
 
+def check_integer_range(crops: np.ndarray, dtype: np.dtype, *, fix: str) -> None:
+    """Fail when the (non-NaN) values of ``crops`` do not fit the integer type ``dtype``.
+
+    ``fix`` completes the message "Rescale them or ...", naming how to ask for float32 crops.
+    """
+    info = np.iinfo(dtype)
+    lo, hi = float(np.nanmin(crops)), float(np.nanmax(crops))
+    if lo < info.min or hi > info.max:
+        msg = (
+            f"Crop values span [{lo}, {hi}], outside the {dtype} range [{info.min}, "
+            f"{info.max}]. Rescale them or {fix}."
+        )
+        raise ValueError(msg)
+
+
 def _name_cells(rows: np.ndarray, cell_names: Sequence[Any] | None, first_row: int) -> str:
     shown = [
         repr(str(cell_names[r])) if cell_names is not None else f"row {first_row + r}"
@@ -153,14 +168,7 @@ def prepare_crops(
             )
             raise ValueError(msg)
     if np.issubdtype(dtype, np.integer) and crops.dtype != dtype and len(crops):
-        info = np.iinfo(dtype)
-        lo, hi = float(np.min(crops)), float(np.max(crops))
-        if lo < info.min or hi > info.max:
-            msg = (
-                f"Crop values span [{lo}, {hi}], outside the {dtype} range [{info.min}, "
-                f"{info.max}]. Rescale them or write float32 crops."
-            )
-            raise ValueError(msg)
+        check_integer_range(crops, dtype, fix="write float32 crops")
         if crops.dtype.kind == "f":
             crops = np.rint(crops)
     return crops.astype(dtype, copy=False), n_values, n_cells

@@ -6,14 +6,14 @@ import logging
 import multiprocessing
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager, AnnTorchDataset
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from mcvi_ops._constants import CROP_INDEX_KEY
 from mcvi_ops.data._link import UNS_KEY, crop_reference
@@ -24,6 +24,11 @@ from ._sampler import BalancedChunkSampler
 logger = logging.getLogger(__name__)
 
 X_KEY = REGISTRY_KEYS.X_KEY
+_TORCH_DTYPES = {
+    np.dtype("uint8"): torch.uint8,
+    np.dtype("uint16"): torch.uint16,
+    np.dtype("float32"): torch.float32,
+}
 
 
 def _image_uns_key(adata_manager: AnnDataManager, image_key: str) -> str:
@@ -99,7 +104,13 @@ class CropDataset(Dataset):
     A batch is a dict of tensors with ``B`` rows:
 
     ``"X"``
-        float32 ``(B, n_channels, height, width)``, the raw pixel values (not normalised).
+        ``(B, n_channels, height, width)`` raw pixel values (not normalised) in the store's dtype
+        (``torch.uint16`` for uint16 stores, ``torch.uint8``, ``torch.float32``): half the bytes
+        of float32 to hand from worker processes and to copy to a GPU. The modules convert them
+        with ``.float()`` on the device (:meth:`~mcvi_ops.module.BaseImageVAE.correct_intensity`,
+        :class:`~mcvi_ops.module.CropTransform`); call ``batch["X"].float()`` to use them
+        yourself (``torch.uint16`` tensors support conversion, comparison and arithmetic with
+        float tensors, but few other operations).
     ``"crop_index"``
         int64 ``(B, 1)``, the crop index of each row.
     every other registry key (``"perturbation"``, ``"batch"``, ...)
@@ -172,30 +183,55 @@ class CropDataset(Dataset):
             self._cache.move_to_end(chunk)
         return data
 
-    def _read(self, crop_indices: np.ndarray) -> np.ndarray:
+    def _empty(self, n: int) -> torch.Tensor:
+        """An uninitialised crop batch; in a worker process, already in shared memory."""
+        store = self.store
+        out = torch.empty((n, *store.shape[1:]), dtype=_TORCH_DTYPES[store.dtype])
+        # sending a tensor from a worker copies it into shared memory unless it is there already
+        return out.share_memory_() if get_worker_info() is not None else out
+
+    def _read(self, crop_indices: np.ndarray) -> torch.Tensor:
         store = self.store
         if self.cache_chunks == 0:
             # `take` reads the sorted unique indices chunk by chunk, restoring the batch order
-            return store.take(crop_indices)
+            crops = store.take(crop_indices)
+            if get_worker_info() is None:
+                return torch.from_numpy(crops)
+            out = self._empty(len(crop_indices))
+            out.numpy()[:] = crops
+            return out
         chunk_cells = store.chunk_cells
         chunks = crop_indices // chunk_cells
-        out = np.empty((len(crop_indices), *store.shape[1:]), dtype=store.dtype)
-        for chunk in np.unique(chunks).tolist():
-            mask = chunks == chunk
-            out[mask] = self._chunk(chunk)[crop_indices[mask] - chunk * chunk_cells]
+        by_chunk = np.argsort(chunks, kind="stable")
+        starts = np.flatnonzero(np.diff(chunks[by_chunk], prepend=-1))
+        out = self._empty(len(crop_indices))
+        view = out.numpy()
+        for lo, hi in zip(starts, [*starts[1:], len(by_chunk)], strict=True):
+            rows = by_chunk[lo:hi]
+            chunk = int(chunks[rows[0]])
+            view[rows] = self._chunk(chunk)[crop_indices[rows] - chunk * chunk_cells]
         return out
 
     def __getitem__(self, rows: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         crop_indices = self.crop_indices[rows]
-        crops = self._read(crop_indices)
         batch = {
-            X_KEY: torch.from_numpy(crops.astype(np.float32, copy=False)),
+            # the store's dtype: workers hand back half the bytes of float32 for uint16 crops
+            X_KEY: self._read(crop_indices),
             CROP_INDEX_KEY: torch.from_numpy(crop_indices.reshape(-1, 1)),
         }
         for key, values in self.fields.items():
             batch[key] = torch.from_numpy(values[rows])
         return batch
+
+
+def _from_worker(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | np.ndarray]:
+    """Collate in a worker: the small fields travel as arrays inside the message.
+
+    Each tensor a worker sends costs a shared-memory segment and a file-descriptor handshake
+    (~1 ms); only the crops are worth it.
+    """
+    return {key: value if key == X_KEY else value.numpy() for key, value in batch.items()}
 
 
 class CropDataLoader(DataLoader):
@@ -301,6 +337,13 @@ class CropDataLoader(DataLoader):
                 )
                 raise KeyError(msg)
             is_control = dataset.fields[perturbation_key][rows, 0] == control_code
+        if num_workers > 0 and _is_in_memory(dataset.url):
+            num_workers = _fork_for_memory_store(dataset.url, num_workers, dataloader_kwargs)
+        if num_workers > 0:
+            # workers keep their open store and chunk cache from one epoch to the next
+            dataloader_kwargs.setdefault("persistent_workers", True)
+        if dataloader_kwargs.get("pin_memory") is None:
+            dataloader_kwargs["pin_memory"] = torch.cuda.is_available()
         chunk_cells = dataset.chunk_cells
         sampler = BalancedChunkSampler(
             rows,
@@ -314,10 +357,11 @@ class CropDataLoader(DataLoader):
             seed=seed,
             num_replicas=num_replicas,
             rank=rank,
+            num_workers=num_workers,
         )
         self.indices = rows
-        if num_workers > 0 and _is_in_memory(dataset.url):
-            num_workers = _fork_for_memory_store(dataset.url, num_workers, dataloader_kwargs)
+        if num_workers > 0:
+            dataloader_kwargs.setdefault("collate_fn", _from_worker)
         super().__init__(
             dataset,
             sampler=sampler,
@@ -325,6 +369,15 @@ class CropDataLoader(DataLoader):
             num_workers=num_workers,
             **dataloader_kwargs,
         )
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in super().__iter__():
+            if self.collate_fn is _from_worker:
+                batch = {
+                    key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+                    for key, value in batch.items()
+                }
+            yield batch
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch of the sampler (for custom training loops)."""

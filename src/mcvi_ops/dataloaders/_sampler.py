@@ -120,9 +120,19 @@ class BalancedChunkSampler(Sampler[list[int]]):
         is initialised when iterating, else 1.
     rank
         Rank of this process; by default the rank of ``torch.distributed`` if initialised, else 0.
+    num_workers
+        Data-loader worker processes the batches are dealt to (see Notes); 0 or 1: the batches
+        come in the order described above.
 
     Notes
     -----
+    Data-loader workers: a :class:`torch.utils.data.DataLoader` hands the batches of its sampler
+    to its workers in turn. With ``num_workers=k > 1`` the epoch's batches are cut into ``k``
+    contiguous runs and emitted taking turns (run 0's first batch, run 1's first, ..., run 0's
+    second, ...), so each worker reads one run: its own chunk windows, consecutive batches of
+    which share chunks that its chunk cache decodes once. The batches of an epoch are the same
+    for every ``num_workers``; only their order differs (deterministically).
+
     Distributed runs: the per-epoch order of each stream is the same on every rank (shared seed)
     and is cut into ``num_replicas`` contiguous pieces, so each rank reads its own chunk windows and
     the ranks' perturbed (and control) cells are disjoint; their union is every cell. Ranks with a
@@ -157,6 +167,7 @@ class BalancedChunkSampler(Sampler[list[int]]):
         seed: int | None = None,
         num_replicas: int | None = None,
         rank: int | None = None,
+        num_workers: int = 0,
     ) -> None:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         chunks = np.asarray(chunks, dtype=np.int64).reshape(-1)
@@ -185,6 +196,10 @@ class BalancedChunkSampler(Sampler[list[int]]):
         if self.seed < 0:
             msg = f"`seed` must be a non-negative integer, got {seed}."
             raise ValueError(msg)
+        if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
+            msg = f"`num_workers` must be a non-negative integer, got {num_workers!r}."
+            raise ValueError(msg)
+        self.num_workers = int(num_workers)
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
@@ -313,6 +328,23 @@ class BalancedChunkSampler(Sampler[list[int]]):
         return np.concatenate(pieces)[:size]
 
     def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        if self.num_workers < 2:
+            yield from batches
+            return
+        # k contiguous runs, the longer ones first, so that the DataLoader's turn-taking gives
+        # worker j every batch of run j, down to the last round
+        k = self.num_workers
+        sizes = [len(batches) // k + (j < len(batches) % k) for j in range(k)]
+        starts = np.cumsum([0, *sizes])
+        runs = [batches[starts[j] : starts[j + 1]] for j in range(k)]
+        for i in range(sizes[0]):
+            for run in runs:
+                if i < len(run):
+                    yield run[i]
+
+    def _batches(self) -> list[list[int]]:
+        """The epoch's batches in stream order."""
         num_replicas, rank = self._replicas()
         main = self._stream_order(num_replicas, rank)
         per_batch = self._per_batch
@@ -320,8 +352,10 @@ class BalancedChunkSampler(Sampler[list[int]]):
         main = main[: n_batches * per_batch] if self.drop_last else main
         if self.balanced:
             controls = self._control_order(len(main), num_replicas, rank)
+        batches = []
         for b in range(n_batches):
             part = main[b * per_batch : (b + 1) * per_batch]
             if self.balanced:
                 part = np.concatenate([controls[b * per_batch : b * per_batch + len(part)], part])
-            yield part.tolist()
+            batches.append(part.tolist())
+        return batches

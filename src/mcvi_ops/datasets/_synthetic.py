@@ -16,6 +16,7 @@ from mcvi_ops.data._link import link_crops
 from mcvi_ops.data._store import CropStore
 from mcvi_ops.data._writer import CropWriter
 
+from ._complexes import complexes_of, complexes_path, gmt_text, write_complexes
 from ._phenotypes import (
     BASE_MITOTIC_FRACTION,
     CHANNEL_NAMES,
@@ -113,13 +114,15 @@ def synthetic_screen(
         Seed of everything random.
     path
         Where to write the crops (a local path or an fsspec URL). If `None`, they are written to
-        a new in-memory store that lives as long as the Python process.
+        a new in-memory store that lives as long as the Python process. The simulated complexes
+        are written beside the store as a GMT file named after it (``screen.zarr`` ->
+        ``screen_complexes.gmt``).
     chunk_cells
         Cells per chunk of the crop store; by default about 4 MB per chunk.
     batch_size
         Cells rendered and written per step; bounds the memory used.
     overwrite
-        Replace an existing store at ``path``.
+        Replace an existing store at ``path`` (and its complexes file).
 
     Returns
     -------
@@ -136,7 +139,14 @@ def synthetic_screen(
     ``.uns["synthetic_screen"]``
         The simulation settings as plain data: tile size and grid (``"row-major"`` tile order),
         pixel size, channel names, seed, plates, wells and per-well ``channel_gains``
-        (plates x wells x channels), vignetting, effect descriptions, ...
+        (plates x wells x channels), vignetting, effect descriptions, ..., and
+
+        - ``"complexes"``: the simulated complexes, complex name (``"CPLX01"``, ...) -> list of
+          member genes, ready for ``relationships=`` of
+          :func:`~mcvi_ops.metrics.known_relationships`;
+        - ``"complexes_file"`` (only with ``path``): the GMT file written beside the store,
+          ``<store name without .zarr>_complexes.gmt``, one line per complex
+          (``name<TAB>simulated <effect> (<kind>)<TAB>gene<TAB>...``).
     ``.uns["ground_truth"]``
         DataFrame indexed by ``gene_symbol`` (targeted genes): ``complex`` (``"CPLX01"``, ...;
         ``"none"`` for genes without effect), ``effect_kind`` (``"none"``, ``"shift"`` or
@@ -156,6 +166,12 @@ def synthetic_screen(
     (2, 4, 64, 64)
     >>> adata.uns["ground_truth"].columns.tolist()
     ['complex', 'effect_kind', 'novel', 'effect', 'strength', 'penetrance']
+
+    Written to disk, the screen brings its own known relationships:
+
+    >>> adata = mcvi_ops.datasets.synthetic_screen(path="screen.zarr")  # doctest: +SKIP
+    >>> adata.uns["synthetic_screen"]["complexes_file"]  # doctest: +SKIP
+    'screen_complexes.gmt'
     """
     n_ctrl = _validate(
         n_cells=n_cells,
@@ -253,7 +269,12 @@ def synthetic_screen(
         "edge_tile_density": EDGE_TILE_DENSITY,
         "base_mitotic_fraction": BASE_MITOTIC_FRACTION,
         "effects": dict(EFFECT_DESCRIPTIONS),
+        "complexes": complexes_of(genes),
     }
+    if path is not None:
+        target = complexes_path(path)
+        write_complexes(target, gmt_text(adata.uns[UNS.synthetic]["complexes"], genes))
+        adata.uns[UNS.synthetic]["complexes_file"] = str(target)
     adata.uns[UNS.ground_truth] = genes
     adata.uns[UNS.guide_truth] = guides
     link_crops(adata, crop_store)
@@ -572,6 +593,13 @@ def _validate(
         ).expanduser().exists():
             msg = (
                 f"{text} already exists; pass `overwrite=True` to replace it or choose a new path."
+            )
+            raise FileExistsError(msg)
+        gmt = complexes_path(path)
+        if isinstance(gmt, Path) and gmt.exists():
+            msg = (
+                f"{gmt} already exists (the complexes file of a store at {text}); pass "
+                "`overwrite=True` to replace it or choose a new path."
             )
             raise FileExistsError(msg)
     return n_ctrl

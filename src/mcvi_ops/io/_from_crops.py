@@ -15,7 +15,7 @@ from anndata import AnnData
 from mcvi_ops._constants import UNS
 from mcvi_ops.data import CropWriter, link_crops
 from mcvi_ops.data._link import write_h5ad
-from mcvi_ops.data._writer import check_channel_names
+from mcvi_ops.data._writer import check_channel_names, check_integer_range
 from mcvi_ops.pp._resize import resize_crops
 from mcvi_ops.pp._resume import ADATA_NAME, STORE_NAME
 
@@ -76,9 +76,14 @@ def _check_obs(obs: pd.DataFrame | None, n: int, default_index: Sequence[str]) -
 
 
 def _finish(obs: pd.DataFrame, store, adata_path: Path, info: dict[str, Any]) -> AnnData:
+    """Link ``obs`` to the written store, record ``info`` and the non-finite counts, save it."""
     adata = AnnData(obs=obs)
     link_crops(adata, store)
-    adata.uns[UNS_KEY] = info
+    adata.uns[UNS_KEY] = {
+        **info,
+        "n_nonfinite_values": int(store.nonfinite.get("n_values", 0)),
+        "n_nonfinite_cells": int(store.nonfinite.get("n_cells", 0)),
+    }
     write_h5ad(adata, adata_path)
     return adata
 
@@ -215,16 +220,13 @@ def crops_from_array(
             writer.append(
                 _prepare(batch, resize_to, out_dtype), cell_names=obs.index[start : start + step]
             )
-    store = writer.store
     info = {
         "source": "array",
         "n_cells": int(n_cells),
         "channel_names": names,
         "resize_to": resize_to,
-        "n_nonfinite_values": int(store.nonfinite.get("n_values", 0)),
-        "n_nonfinite_cells": int(store.nonfinite.get("n_cells", 0)),
     }
-    return _finish(obs, store, adata_path, info)
+    return _finish(obs, writer.store, adata_path, info)
 
 
 def _prepare(batch: np.ndarray, resize_to: int | None, dtype: np.dtype) -> np.ndarray:
@@ -233,14 +235,7 @@ def _prepare(batch: np.ndarray, resize_to: int | None, dtype: np.dtype) -> np.nd
         return batch  # the writer checks values and casts
     integer = np.issubdtype(dtype, np.integer)
     if integer and batch.size and batch.dtype != dtype:
-        info = np.iinfo(dtype)
-        lo, hi = float(np.nanmin(batch)), float(np.nanmax(batch))
-        if lo < info.min or hi > info.max:
-            msg = (
-                f"Crop values span [{lo}, {hi}], outside the {dtype} range [{info.min}, "
-                f"{info.max}]. Rescale them or pass dtype='float32'."
-            )
-            raise ValueError(msg)
+        check_integer_range(batch, dtype, fix="pass dtype='float32'")
     batch = resize_crops(batch, resize_to)
     if integer:  # resampling stays within the input range: this only removes rounding error
         info = np.iinfo(dtype)
@@ -434,14 +429,11 @@ def crops_from_files(
                 batch = []
         if batch:
             append(batch, len(rows) - len(batch))
-    store = writer.store
     info = {
         "source": "files",
         "n_cells": len(rows),
         "channel_names": names,
         "resize_to": resize_to,
         "skipped_files": skipped,
-        "n_nonfinite_values": int(store.nonfinite.get("n_values", 0)),
-        "n_nonfinite_cells": int(store.nonfinite.get("n_cells", 0)),
     }
-    return _finish(obs.iloc[rows], store, adata_path, info)
+    return _finish(obs.iloc[rows], writer.store, adata_path, info)

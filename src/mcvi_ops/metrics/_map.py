@@ -12,7 +12,14 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.stats import false_discovery_control
 
-from mcvi_ops.tl._utils import check_finite, check_obs_key, get_rep, rep_label, rep_names
+from mcvi_ops.tl._utils import (
+    check_finite,
+    check_obs_key,
+    gene_rows,
+    get_rep,
+    rep_label,
+    rep_names,
+)
 
 from ._readers import normalize_sources
 
@@ -475,13 +482,7 @@ def phenotypic_consistency(
     """
     _check_options(null_size, alpha)
     sources = normalize_sources(relationships)
-    if gene_key is None:
-        genes_all = np.asarray(adata.obs_names, dtype=str)
-    else:
-        genes_all = check_obs_key(adata, gene_key, what="gene").astype(str).to_numpy()
-    rows_kept = genes_all != str(control_category)
-    if "is_control" in adata.obs:
-        rows_kept &= ~adata.obs["is_control"].to_numpy(dtype=bool)
+    genes_all, rows_kept = gene_rows(adata, gene_key, control_category)
     store = adata.uns.get(key_added)
     store = dict(store) if isinstance(store, Mapping) else {}
     frames = []

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from mcvi_ops.tl._utils import check_obs_key, get_rep, rep_label, rep_names
+from mcvi_ops.tl._utils import gene_rows, get_rep, rep_label, rep_names
 
 from ._readers import normalize_sources
 
@@ -166,14 +166,7 @@ def known_relationships(
         if not 0 < p < 50:
             msg = f"Each percentile must be in (0, 50), got {p}."
             raise ValueError(msg)
-    if gene_key is None:
-        names_all = np.asarray(gene_adata.obs_names, dtype=object)
-    else:
-        names_all = check_obs_key(gene_adata, gene_key, what="gene").to_numpy(dtype=object)
-    names_all = names_all.astype(str)
-    keep = names_all != str(control_category)
-    if "is_control" in gene_adata.obs:
-        keep &= ~gene_adata.obs["is_control"].to_numpy(dtype=bool)
+    names_all, keep = gene_rows(gene_adata, gene_key, control_category)
     dup = pd.Index(names_all[keep]).duplicated()
     if dup.any():
         msg = (

@@ -22,6 +22,15 @@ def is_control(perturbation: torch.Tensor) -> torch.Tensor:
     return perturbation.reshape(-1) == CONTROL_CODE
 
 
+def zero_controls(s: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
+    """``s`` (..., B, D) with the rows of control cells set to 0, from codes of shape (B,) or (B, 1).
+
+    Controls have no salient variation: their ``s`` is exactly 0 wherever it is decoded.
+    """
+    perturbed = ~is_control(perturbation.to(s.device))
+    return s * perturbed.unsqueeze(-1).to(s.dtype)
+
+
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Rotate each crop of (B, C, H, W) by a random multiple of 90 degrees and flip it at random.
 

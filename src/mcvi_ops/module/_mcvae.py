@@ -14,7 +14,7 @@ from torch.distributions import Normal, kl_divergence
 from mcvi_ops._constants import PERTURBATION_KEY
 from mcvi_ops.nn import ConvEncoder
 
-from ._base import BaseImageVAE, is_control
+from ._base import BaseImageVAE, is_control, zero_controls
 
 PriorKind = Literal["both", "salient", "background", "none"]
 
@@ -178,8 +178,8 @@ class MultiContrastiveVAE(BaseImageVAE):
             z, s = qz.rsample((n_samples,)), qs.rsample((n_samples,))
         else:
             z, s = qz.rsample(), qs.rsample()
-        perturbed = (~is_control(perturbation)).unsqueeze(-1).to(s.dtype)
-        return {"qz": qz, "qs": qs, "z": z, "s": s * perturbed, "x_transformed": x_transformed}
+        s = zero_controls(s, perturbation)
+        return {"qz": qz, "qs": qs, "z": z, "s": s, "x_transformed": x_transformed}
 
     @auto_move_data
     def generative(
@@ -224,9 +224,7 @@ class MultiContrastiveVAE(BaseImageVAE):
     def reconstruct(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Decode posterior means (controls with ``s = 0``), on the [-1, 1] scale."""
         out = self.inference(**self._get_inference_input(tensors))
-        qs_mean = out["qs"].loc
-        perturbed = ~is_control(tensors[PERTURBATION_KEY].to(qs_mean.device))
-        s = qs_mean * perturbed.unsqueeze(-1).to(qs_mean.dtype)
+        s = zero_controls(out["qs"].loc, tensors[PERTURBATION_KEY])
         return self.generative(out["qz"].loc, s, self._batch_index(tensors))["px_mean"]
 
     @torch.inference_mode()
@@ -249,6 +247,4 @@ class MultiContrastiveVAE(BaseImageVAE):
         else:
             z = Normal(mean_z, 1.0).sample((n_samples,))
             s = Normal(mean_s, 1.0).sample((n_samples,))
-        perturbed = ~is_control(perturbation.to(self.device))
-        s = s * perturbed.unsqueeze(-1).to(s.dtype)
-        return self.generative(z, s, batch_index)["px_mean"]
+        return self.generative(z, zero_controls(s, perturbation), batch_index)["px_mean"]

@@ -9,7 +9,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ._utils import check_save, finish, legend_outside, new_axes, readable
+from ._utils import (
+    check_save,
+    corner_note,
+    finish,
+    legend_outside,
+    mark_missing,
+    new_axes,
+    readable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +198,7 @@ def method_comparison(
             xs, values, errors if errors is not None else [0.0] * n_metrics, strict=True
         ):
             if np.isnan(v):
-                ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize="x-small", color="0.4")
+                mark_missing(ax, x, 0)
                 continue
             y = v + (0.0 if np.isnan(e) else e)
             top = max(top, y)
@@ -210,27 +218,12 @@ def method_comparison(
             levels = chance.reindex([(method, m) for method in method_names]).to_numpy(dtype=float)
             if np.all(np.isnan(levels)):
                 continue
-            if np.nanmax(levels) - np.nanmin(levels) < 1e-9:
-                ax.hlines(
-                    np.nanmean(levels),
-                    j - 0.45,
-                    j + 0.45,
-                    color="k",
-                    lw=1.2,
-                    linestyles="--",
-                    zorder=3,
-                )
-            else:
+            if np.nanmax(levels) - np.nanmin(levels) < 1e-9:  # one line across the group
+                y, start, end = np.nanmean(levels), j - 0.45, j + 0.45
+            else:  # one line over each bar
                 xs = x0[j] - 0.4 + width * (np.arange(n_methods) + 0.5)
-                ax.hlines(
-                    levels,
-                    xs - width / 2,
-                    xs + width / 2,
-                    color="k",
-                    lw=1.2,
-                    linestyles="--",
-                    zorder=3,
-                )
+                y, start, end = levels, xs - width / 2, xs + width / 2
+            ax.hlines(y, start, end, color="k", lw=1.2, linestyles="--", zorder=3)
             top = max(top, float(np.nanmax(levels)))
     ax.set_xticks(x0, [readable(m) for m in metric_names])
     ax.set_xlim(-0.5, n_metrics - 0.5)
@@ -242,16 +235,7 @@ def method_comparison(
     if title is not None:
         ax.set_title(title)
     if error_note is not None:
-        ax.text(
-            0.01,
-            0.98,
-            error_note,
-            transform=ax.transAxes,
-            ha="left",
-            va="top",
-            fontsize="x-small",
-            color="0.3",
-        )
+        corner_note(ax, error_note)
     handles, labels = ax.get_legend_handles_labels()
     if chance is not None and chance.notna().any():
         handles.append(Line2D([], [], color="k", lw=1.2, linestyle="--"))

@@ -11,7 +11,15 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._utils import check_save, finish, legend_outside, new_axes, readable
+from ._utils import (
+    check_save,
+    corner_note,
+    finish,
+    legend_outside,
+    mark_missing,
+    new_axes,
+    readable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -244,15 +252,7 @@ def technical_covariates(
             bars.patches, xs, score, chance, bottoms, heights, strict=True
         ):
             if np.isnan(s) or np.isnan(c):
-                ax.text(
-                    x,
-                    0.0 if kind == "distance" else 0.5,
-                    "n/a",
-                    ha="center",
-                    va="bottom",
-                    fontsize="x-small",
-                    color="0.4",
-                )
+                mark_missing(ax, x, 0.0 if kind == "distance" else 0.5)
                 continue
             if s < c:
                 bar.set_hatch(_BELOW_CHANCE_HATCH)
@@ -279,16 +279,7 @@ def technical_covariates(
         labels.append("below chance")
     legend_outside(ax, handles, labels, title="representation")
     ax.set_title(f"Technical covariates predicted from the embedding ({name})", fontsize="medium")
-    ax.text(
-        0.01,
-        0.98,
-        f"numbers: {name}",
-        transform=ax.transAxes,
-        ha="left",
-        va="top",
-        fontsize="x-small",
-        color="0.3",
-    )
+    corner_note(ax, f"numbers: {name}")
     return finish(fig, ax, show=show, save=save_path, return_fig=return_fig, ax_given=ax_given)
 
 

@@ -106,6 +106,25 @@ def new_axes(ax, figsize: tuple[float, float]):
     return ax.figure, ax
 
 
+def corner_note(ax, text: str):
+    """Write a small grey note in the top-left corner of ``ax`` (what the numbers or bars show)."""
+    return ax.text(
+        0.01,
+        0.98,
+        text,
+        transform=ax.transAxes,
+        ha="left",
+        va="top",
+        fontsize="x-small",
+        color="0.3",
+    )
+
+
+def mark_missing(ax, x: float, y: float):
+    """Write a grey ``n/a`` at ``(x, y)`` in data coordinates, where a value could not be drawn."""
+    return ax.text(x, y, "n/a", ha="center", va="bottom", fontsize="x-small", color="0.4")
+
+
 def legend_outside(ax, handles=None, labels=None, *, title: str | None = None, **kwargs):
     """Put the legend of ``ax`` to the right of it, outside the axes.
 

@@ -18,6 +18,7 @@ __all__ = [
     "check_finite",
     "check_obs_key",
     "finite_rows",
+    "gene_rows",
     "get_rep",
     "group_means",
     "rep_label",
@@ -39,6 +40,26 @@ def rep_names(use_rep: str | Sequence[str] | None) -> list[str | None]:
 def rep_label(use_rep: str | None) -> str:
     """Name under which results for a representation are stored (``"X"`` for ``.X``)."""
     return "X" if use_rep is None else use_rep
+
+
+def gene_rows(
+    adata: AnnData, gene_key: str | None, control_category
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gene of each row as strings, and the mask of the rows that are not controls.
+
+    The gene is ``obs[gene_key]``, or the obs name when ``gene_key`` is `None`. Control rows are
+    those of ``control_category`` and those flagged by ``obs["is_control"]`` (as
+    :func:`~mcvi_ops.tl.aggregate` writes).
+    """
+    if gene_key is None:
+        genes = np.asarray(adata.obs_names, dtype=object)
+    else:
+        genes = check_obs_key(adata, gene_key, what="gene").to_numpy(dtype=object)
+    genes = genes.astype(str)
+    keep = genes != str(control_category)
+    if "is_control" in adata.obs:
+        keep &= ~adata.obs["is_control"].to_numpy(dtype=bool)
+    return genes, keep
 
 
 def _raw_rep(adata: AnnData, use_rep: str | None):
