@@ -5,7 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["training", "loader", "quality", "tuning", "crop", "metrics"]
+ORDER = [
+    "quality",
+    "tuning",
+    "training",
+    "loader",
+    "cellprofiler",
+    "crop",
+    "aggregate",
+    "metrics",
+    "package",
+]
 
 
 def _demote(text: str) -> str:
