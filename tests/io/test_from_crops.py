@@ -105,9 +105,10 @@ def test_crops_from_array_never_clips_or_renames(real_crops, tmp_path, channels)
     crops, cells = real_crops
     high = crops.astype(np.float32)
     high[7, 0, 0, 0] = 70_000
-    with pytest.raises(ValueError, match=r"outside the uint16 range"):
+    span = r"span \[.*, 70000\.0\], outside the uint16 range \[0, 65535\]\. Rescale them or "
+    with pytest.raises(ValueError, match=span + "write float32 crops"):
         crops_from_array(high, tmp_path / "a", channel_names=channels, dtype="uint16")
-    with pytest.raises(ValueError, match=r"outside the uint16 range"):
+    with pytest.raises(ValueError, match=span + "pass dtype='float32'"):  # checked before resizing
         crops_from_array(high, tmp_path / "b", channel_names=channels, dtype="uint16", resize_to=20)
     with pytest.raises(ValueError, match="got the string 'DNA'"):
         crops_from_array(crops[:, :1], tmp_path / "c", channel_names="DNA")
