@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import fft
+from scipy import fft, ndimage
 from skimage.registration import phase_cross_correlation
 
 logger = logging.getLogger(__name__)
@@ -15,12 +15,8 @@ logger = logging.getLogger(__name__)
 
 def _fourier_shift(spectrum: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Shift an image given its 2-D spectrum by ``shift`` (rows, columns), sub-pixel exact."""
-    rows, cols = spectrum.shape
-    ky = fft.fftfreq(rows).astype(np.float64)[:, None]
-    kx = fft.fftfreq(cols).astype(np.float64)[None, :]
-    ramp_y = np.exp(-2j * np.pi * shift[0] * ky).astype(np.complex64)
-    ramp_x = np.exp(-2j * np.pi * shift[1] * kx).astype(np.complex64)
-    return fft.ifft2(spectrum * ramp_y * ramp_x).real.astype(np.float32, copy=False)
+    shifted = ndimage.fourier_shift(spectrum, [float(s) for s in shift])
+    return fft.ifft2(shifted).real.astype(np.float32, copy=False)
 
 
 def _fill_wrapped_border(channel: np.ndarray, shift: np.ndarray) -> None:
