@@ -1,174 +1,238 @@
-"""Throughput of the crop data loaders on a synthetic on-disk crop store.
+"""Throughput of the crop data loaders on a simulated on-disk crop store, settings side by side.
 
-Run with ``python benchmarks/bench_loader.py [--n-cells 20000]``; prints a table and writes it to
-``benchmarks/results/loader.md``.
+    python benchmarks/bench_loader.py [--n-cells 20000] [--batch-size 128] [--repeats 3]
+        [--baseline-ref HEAD] [--out benchmarks/results/loader.md]
+
+Every setting is measured ``--repeats`` times, interleaved (setting 1, 2, ..., then again), so
+that a machine shared with other jobs slows them alike; the table gives medians and ratios to the
+balanced loader with 0 workers. Two rates per setting:
+
+- wall: cells per second of one pass, the first batch (which starts the workers) not timed;
+- CPU: cells per CPU-second of this process and its workers (startup included), which another
+  job's load hardly changes.
+
+``--baseline-ref REF`` also measures the loader of a git revision (its ``dataloaders/_loader.py``
+and ``_sampler.py``) in the same run. The table goes to ``--out`` (default
+``benchmarks/results/loader_run.md``; ``loader.md`` holds the recorded results and their notes).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import logging
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
-from _report import machine_line
+import zarr
+from _report import machine_line, markdown_table
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField
 
-from mcvi_ops.data import ImageField, link_crops, write_crops
-from mcvi_ops.dataloaders._loader import CropDataLoader
+from mcvi_ops.data import ImageField, open_crops
+from mcvi_ops.dataloaders import CropDataLoader
 
 logger = logging.getLogger("bench_loader")
-RESULTS = Path(__file__).parent / "results" / "loader.md"
+RESULTS = Path(__file__).parent / "results" / "loader_run.md"
+REPO = Path(__file__).resolve().parents[1]
+ZARRS = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
 
 
-def smooth_crops(n: int, *, channels: int = 4, size: int = 64, seed: int = 0) -> np.ndarray:
-    """Compressible crops: an upsampled 8x8 random field per channel plus Poisson-like noise."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, channels, size, size), dtype=np.uint16)
-    factor = size // 8
-    for start in range(0, n, 1000):
-        m = min(1000, n - start)
-        low = rng.gamma(2.0, 400.0, (m, channels, 8, 8)).astype(np.float32)
-        smooth = low.repeat(factor, axis=2).repeat(factor, axis=3)
-        noise = rng.normal(0.0, 20.0, smooth.shape).astype(np.float32)
-        out[start : start + m] = np.clip(smooth + noise + 100, 0, 65535).astype(np.uint16)
-    return out
+def make_screen(path: Path, n_cells: int, control_fraction: float) -> AnnDataManager:
+    """A simulated screen on disk, registered with the control category as code 0."""
+    from mcvi_ops.datasets import synthetic_screen
 
-
-def make_screen(path: Path, n_cells: int, *, control_fraction: float = 0.1):
-    """A crop store on disk and a registered AnnData manager (perturbation code 0 = control)."""
-    try:  # the package simulator, if it is there
-        from mcvi_ops.datasets import synthetic_screen
-
-        adata = synthetic_screen(n_cells, seed=0, path=str(path), crop_size=64)
-        genes = adata.obs["gene_symbol"].astype(str)
-        adata.obs["perturbation"] = pd.Categorical(
-            genes, categories=["nontargeting", *sorted(set(genes) - {"nontargeting"})]
-        )
-        source = "mcvi_ops.datasets.synthetic_screen"
-    except (ImportError, NotImplementedError, TypeError):
-        crops = smooth_crops(n_cells)
-        write_crops(path, crops, channel_names=["DAPI", "tubulin", "gH2AX", "phalloidin"])
-        rng = np.random.default_rng(0)
-        genes = np.where(
-            rng.random(n_cells) < control_fraction,
-            "nontargeting",
-            np.char.add("g", rng.integers(0, 200, n_cells).astype(str)),
-        )
-        genes = pd.Categorical(
-            genes, categories=["nontargeting", *sorted(set(genes) - {"nontargeting"})]
-        )
-        adata = ad.AnnData(
-            obs=pd.DataFrame({"perturbation": genes}, index=[f"c{i}" for i in range(n_cells)])
-        )
-        link_crops(adata, path)
-        source = "smooth random field + noise"
-    # the control category comes first, so its code is 0
+    adata = synthetic_screen(
+        n_cells, seed=0, path=str(path), crop_size=64, control_fraction=control_fraction
+    )
+    genes = adata.obs["gene_symbol"].astype(str)
+    adata.obs["perturbation"] = pd.Categorical(
+        genes, categories=["nontargeting", *sorted(set(genes) - {"nontargeting"})]
+    )
     manager = AnnDataManager(
         fields=[ImageField("crops"), CategoricalObsField("perturbation", "perturbation")]
     )
     manager.register_fields(adata)
-    return manager, source
+    return manager
 
 
-def time_loader(loader, *, max_batches: int | None = None) -> tuple[float, int]:
-    """Cells per second of one pass (the first batch, which starts workers, is not timed)."""
+def baseline_loader_cls(ref: str, folder: Path):
+    """``CropDataLoader`` of git revision ``ref``, imported as a separate package."""
+    package = folder / "baseline_dataloaders"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("_loader.py", "_sampler.py"):
+        source = subprocess.run(
+            ["git", "show", f"{ref}:src/mcvi_ops/dataloaders/{name}"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        (package / name).write_text(source)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("baseline_dataloaders._loader").CropDataLoader
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_loader(make_loader, max_batches: int | None) -> tuple[float, float]:
+    """(wall cells/s without the first batch, cells per CPU-second of all processes)."""
+    cpu_start = _cpu_seconds()
+    loader = make_loader()
     it = iter(loader)
-    next(it)
+    n_first = len(next(it)["X"])
     n_cells, start = 0, time.perf_counter()
     for i, batch in enumerate(it):
         n_cells += len(batch["X"])
-        if max_batches is not None and i + 1 >= max_batches:
+        if max_batches is not None and i + 2 >= max_batches:
             break
-    return n_cells / (time.perf_counter() - start), n_cells
+    wall = n_cells / (time.perf_counter() - start)
+    del batch
+    # stop the workers, so that their CPU time is counted
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    del it, loader
+    return wall, (n_cells + n_first) / (_cpu_seconds() - cpu_start)
+
+
+def time_read_chunk(url: str) -> tuple[float, float]:
+    store = open_crops(url)
+    cpu_start, start = _cpu_seconds(), time.perf_counter()
+    for chunk in range(store.n_chunks):
+        store.read_chunk(chunk)
+    return (
+        store.n_cells / (time.perf_counter() - start),
+        store.n_cells / (_cpu_seconds() - cpu_start),
+    )
+
+
+def settings(args, manager, baseline_cls) -> list[tuple[str, int, dict, callable]]:
+    """(name, workers, zarr config, thunk returning (wall, cpu)) of every setting."""
+    bs = args.batch_size
+    url = CropDataLoader(manager, batch_size=2).dataset.url
+
+    def loader(cls=CropDataLoader, max_batches=None, **kwargs):
+        def run():
+            return time_loader(
+                lambda: cls(manager, batch_size=bs, seed=0, **kwargs), max_batches=max_batches
+            )
+
+        return run
+
+    balanced = {"balanced": True, "shuffle": True}
+    out = [("store.read_chunk, sequential (no loader)", 0, {}, lambda: time_read_chunk(url))]
+    out.append(
+        ("store.read_chunk, sequential, zarrs pipeline", 0, ZARRS, lambda: time_read_chunk(url))
+    )
+    if baseline_cls is not None:
+        for workers in (0, 2):
+            out.append(
+                (
+                    f"before ({args.baseline_ref}): balanced, window_chunks=8",
+                    workers,
+                    {},
+                    loader(baseline_cls, num_workers=workers, **balanced),
+                )
+            )
+    for workers in (0, 1, 2):
+        out.append(
+            (
+                "balanced training loader, window_chunks=8",
+                workers,
+                {},
+                loader(num_workers=workers, **balanced),
+            )
+        )
+    for workers in (0, 2):
+        out.append(
+            (
+                "balanced, window_chunks=8, zarrs pipeline",
+                workers,
+                ZARRS,
+                loader(num_workers=workers, **balanced),
+            )
+        )
+    out.append(("sequential loader (balanced=False, shuffle=False)", 0, {}, loader(balanced=False)))
+    out.append(
+        (
+            "balanced, no chunk cache (take per batch), 40 batches",
+            0,
+            {},
+            loader(max_batches=40, cache_chunks=0, **balanced),
+        )
+    )
+    return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-cells", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--control-fraction", type=float, default=0.25)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-ref", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "crops.zarr"
-        start = time.perf_counter()
-        manager, source = make_screen(path, args.n_cells)
-        write_s = time.perf_counter() - start
-        store = CropDataLoader(manager, batch_size=2).dataset.store
+        manager = make_screen(path, args.n_cells, args.control_fraction)
+        store = open_crops(str(path))
         size_mb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
-        raw_mb = store.n_cells * np.prod(store.shape[1:]) * store.dtype.itemsize / 1e6
-        logger.info(
-            "store: %s, %.0f MB on disk (%.0f MB raw), made in %.1f s",
-            store,
-            size_mb,
-            raw_mb,
-            write_s,
-        )
+        baseline = baseline_loader_cls(args.baseline_ref, Path(tmp)) if args.baseline_ref else None
+        runs = settings(args, manager, baseline)
+        records, loads = [], [os.getloadavg()[0]]
+        for repeat in range(args.repeats):
+            for name, workers, config, run in runs:
+                context = zarr.config.set(config) if config else contextlib.nullcontext()
+                with context:
+                    wall, cpu = run()
+                records.append((name, workers, repeat, wall, cpu))
+                loads.append(os.getloadavg()[0])
+                logger.info(
+                    "%-55s w=%d  %8.0f cells/s  %8.0f cells/CPU-s", name, workers, wall, cpu
+                )
 
-        start = time.perf_counter()
-        for chunk in range(store.n_chunks):
-            store.read_chunk(chunk)
-        rows.append(
-            (
-                "store.read_chunk, sequential (no loader)",
-                0,
-                store.n_cells / (time.perf_counter() - start),
-            )
-        )
-
-        bs = args.batch_size
-        codes = manager.get_from_registry("perturbation").reshape(-1)
-        n_control = int((codes == 0).sum())
-        configs = [
-            ("sequential loader (balanced=False, shuffle=False)", {"balanced": False}, 0),
-            ("balanced training loader, window_chunks=8", {"balanced": True, "shuffle": True}, 0),
-            ("balanced training loader, window_chunks=8", {"balanced": True, "shuffle": True}, 1),
-            ("balanced training loader, window_chunks=8", {"balanced": True, "shuffle": True}, 2),
-            (
-                "balanced, window_chunks=8, no chunk cache (take per batch)",
-                {"balanced": True, "shuffle": True, "cache_chunks": 0},
-                0,
-            ),
-            (
-                "balanced, fully random (window = all chunks)",
-                {
-                    "balanced": True,
-                    "shuffle": True,
-                    "window_chunks": store.n_chunks,
-                    "cache_chunks": 32,
-                },
-                0,
-            ),
-        ]
-        for name, kwargs, workers in configs:
-            loader = CropDataLoader(manager, batch_size=bs, num_workers=workers, seed=0, **kwargs)
-            rate, n = time_loader(
-                loader, max_batches=40 if "cache" in name or "random" in name else None
-            )
-            logger.info("%-55s workers=%d  %8.0f cells/s (%d cells)", name, workers, rate, n)
-            rows.append((name, workers, rate))
-
+    frame = pd.DataFrame(records, columns=["reader", "workers", "repeat", "wall", "cpu"])
+    table = frame.groupby(["reader", "workers"], sort=False)[["wall", "cpu"]].median()
+    reference = table.loc[("balanced training loader, window_chunks=8", 0), "wall"]
+    table["wall / balanced 0 workers"] = (table["wall"] / reference).map("{:.2f}".format)
+    table["wall"] = table["wall"].map("{:,.0f}".format)
+    table["cpu"] = table["cpu"].map("{:,.0f}".format)
+    table = table.rename(columns={"wall": "cells/s (wall)", "cpu": "cells per CPU-s"})
+    raw_mb = store.n_cells * np.prod(store.shape[1:]) * store.dtype.itemsize / 1e6
+    codes = manager.get_from_registry("perturbation").reshape(-1)
     lines = [
-        "# Crop loader throughput",
+        "# Crop loader throughput (one run)",
         "",
         f"- recorded: {machine_line()}",
+        f"- load average (1 min) during the run: {min(loads):.1f} to {max(loads):.1f}",
         f"- data: {store.n_cells} crops {store.shape[1]}x{store.shape[2]}x{store.shape[3]} "
-        f"{store.dtype} ({source}), {store.chunk_cells} cells/chunk, blosc-zstd, "
-        f"{size_mb:.0f} MB on disk ({raw_mb:.0f} MB raw), local disk (page cache warm)",
-        f"- batch size {bs}; balanced loaders: {n_control / store.n_cells:.0%} controls (cycled); "
-        f"chunk cache 4 * window_chunks = 32 chunks unless stated",
+        f"{store.dtype} (mcvi_ops.datasets.synthetic_screen), {store.chunk_cells} cells/chunk, "
+        f"blosc-zstd, {size_mb:.0f} MB on disk ({raw_mb:.0f} MB raw), page cache warm",
+        f"- batch size {args.batch_size}; {(codes == 0).mean():.0%} controls; chunk cache "
+        f"4 * window_chunks = 32 chunks per process; medians of {args.repeats} interleaved repeats",
+        f"- command: `python benchmarks/bench_loader.py --n-cells {args.n_cells} --batch-size "
+        f"{args.batch_size} --repeats {args.repeats}"
+        + (f" --baseline-ref {args.baseline_ref}" if args.baseline_ref else "")
+        + "`",
         "",
-        "| reader | workers | cells/s |",
-        "|---|---:|---:|",
-        *(f"| {name} | {workers} | {rate:,.0f} |" for name, workers, rate in rows),
+        markdown_table(table),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,12 +25,13 @@ def make_manager(
     seed: int = 0,
     chunk_cells: int = CHUNK,
     shuffled_crops: bool = False,
+    url: str | None = None,
 ) -> tuple[AnnDataManager, object]:
     """Tiny screen: controls are 'a_control' (sorts first, so code 0), crops in a memory store."""
     rng = np.random.default_rng(seed)
     crops = rng.integers(0, 60000, (n_cells, 2, 16, 16), dtype=np.uint16)
     store = write_crops(
-        f"memory://test-loader-{uuid.uuid4().hex}.zarr",
+        url or f"memory://test-loader-{uuid.uuid4().hex}.zarr",
         crops,
         channel_names=["DAPI", "tubulin"],
         chunk_cells=chunk_cells,
@@ -304,3 +305,104 @@ def test_splitter_is_an_scvi_data_splitter():
     assert len(splitter.val_idx) == 0 and splitter.val_dataloader() is None
     with pytest.raises(ValueError, match="which are dense"):
         CropDataSplitter(manager, load_sparse_tensor=True)
+
+
+# --- workers ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "workers"), [(200, 2), (200, 3), (60, 4), (20, 8)])
+def test_sampler_runs_per_worker(n, workers):
+    """Worker j of the DataLoader's turn-taking gets run j: contiguous batches of the epoch."""
+    rows, is_control, _ = make_sampler(n=n, n_control=n // 4)
+    kwargs = {"is_control": is_control, "batch_size": 10, "window_chunks": 2, "seed": 0}
+    plain = list(BalancedChunkSampler(rows, rows // 10, **kwargs))
+    dealt = list(BalancedChunkSampler(rows, rows // 10, num_workers=workers, **kwargs))
+    # unshuffled batches (validation, embedding) keep their order
+    unshuffled = {**kwargs, "shuffle": False}
+    assert list(BalancedChunkSampler(rows, rows // 10, num_workers=workers, **unshuffled)) == list(
+        BalancedChunkSampler(rows, rows // 10, **unshuffled)
+    )
+    assert sorted(map(tuple, dealt)) == sorted(map(tuple, plain))  # same batches
+    per_worker = [dealt[j::workers] for j in range(workers)]
+    assert [b for run in per_worker for b in run] == plain  # run j, in order, for worker j
+    sizes = [len(run) for run in per_worker]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    if len(plain) > workers:
+        assert dealt != plain
+
+
+def test_loader_two_workers_match_store():
+    manager, store = make_manager(n_cells=240, n_control=60, shuffled_crops=True)
+    loader = CropDataLoader(
+        manager, batch_size=16, shuffle=True, balanced=True, seed=0, num_workers=2
+    )
+    assert loader.pin_memory is torch.cuda.is_available()
+    assert loader.persistent_workers
+    crop_index = manager.adata.obs["crop_index"].to_numpy()
+    codes = manager.get_from_registry("perturbation").reshape(-1)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(zip(loader.sampler, loader, strict=True))
+        assert len(batches) == len(loader)
+        for rows, batch in batches:  # every batch kept: no slot was overwritten under it
+            assert batch["X"].dtype == torch.uint16
+            np.testing.assert_array_equal(batch["X"].numpy(), store.take(crop_index[rows]))
+            np.testing.assert_array_equal(batch["perturbation"].numpy()[:, 0], codes[rows])
+            np.testing.assert_array_equal(batch["crop_index"].numpy()[:, 0], crop_index[rows])
+
+
+def test_loader_workers_survive_epochs_cut_short(monkeypatch):
+    from mcvi_ops.dataloaders import _slots
+
+    monkeypatch.setattr(_slots, "WAIT_TIMEOUT_SECONDS", 30.0)  # an error, not a hang
+    manager, store = make_manager(n_cells=240, n_control=60)
+    loader = CropDataLoader(manager, batch_size=8, num_workers=2, prefetch_factor=2)
+    for _ in range(3):  # batches read ahead and dropped must free their slots
+        for i, _batch in enumerate(loader):
+            if i == 1:
+                break
+    x = torch.cat([b["X"] for b in loader]).numpy()
+    np.testing.assert_array_equal(x, store.to_numpy())
+
+
+def test_slot_pool_copies_out_and_frees():
+    from mcvi_ops.dataloaders import _slots
+
+    pool = _slots.SlotPool(2, 2, (3, 1, 2, 2), torch.uint16)
+    slot = pool.acquire(1)
+    pool.data[1, slot].numpy()[:] = 7
+    batch = _slots.SlotBatch(pool, 1, slot, 2, "X", {"perturbation": np.array([[0], [3]])})
+    assert pool.busy[1, slot] == 1
+    out = batch.to_tensors()
+    assert pool.busy[1, slot] == 0
+    pool.data[1, slot].numpy()[:] = 9  # the batch handed out is a copy
+    assert out["X"].shape == (2, 1, 2, 2) and (out["X"] == 7).all()
+    assert out["perturbation"].tolist() == [[0], [3]]
+    # a batch dropped unread frees its slot too
+    slots = [pool.acquire(0), pool.acquire(0)]
+    assert sorted(slots) == [0, 1]
+    _slots.SlotBatch(pool, 0, slots[0], 1, "X", {})
+    assert pool.busy[0].tolist() == [0, 1] if slots[0] == 0 else [1, 0]
+
+
+def test_slot_pool_full_times_out(monkeypatch):
+    from mcvi_ops.dataloaders import _slots
+
+    monkeypatch.setattr(_slots, "WAIT_TIMEOUT_SECONDS", 0.01)
+    pool = _slots.SlotPool(1, 1, (1, 1, 1, 1), torch.uint8)
+    pool.acquire(0)
+    with pytest.raises(TimeoutError, match="waited"):
+        pool.acquire(0)
+
+
+def test_loader_zarrs_codec_pipeline(tmp_path):
+    pytest.importorskip("zarrs")
+    manager, store = make_manager(url=str(tmp_path / "crops.zarr"), shuffled_crops=True)
+    crop_index = manager.adata.obs["crop_index"].to_numpy()
+    loader = CropDataLoader(
+        manager, batch_size=16, balanced=True, shuffle=True, seed=0, codec_pipeline="zarrs"
+    )
+    pipeline = loader.dataset.store.array._async_array.codec_pipeline
+    assert type(pipeline).__name__ == "ZarrsCodecPipeline"
+    for rows, batch in zip(loader.sampler, loader, strict=True):
+        np.testing.assert_array_equal(batch["X"].numpy(), store.take(crop_index[rows]))
+    with pytest.raises(ValueError, match="'zarr' or 'zarrs'"):
+        CropDataLoader(manager, codec_pipeline="blosc")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import multiprocessing
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import zarr
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager, AnnTorchDataset
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -20,6 +22,7 @@ from mcvi_ops.data._link import UNS_KEY, crop_reference
 from mcvi_ops.data._store import _MEMORY_PREFIX, CropStore, open_crops
 
 from ._sampler import BalancedChunkSampler
+from ._slots import SlotBatch, SlotPool
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,26 @@ _TORCH_DTYPES = {
     np.dtype("uint16"): torch.uint16,
     np.dtype("float32"): torch.float32,
 }
+
+
+CodecPipeline = Literal["zarr", "zarrs"]
+_CODEC_PIPELINES = {
+    "zarr": {"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline"},
+    "zarrs": {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"},
+}
+
+
+def _check_codec_pipeline(name: str) -> str:
+    if name not in _CODEC_PIPELINES:
+        msg = f"`codec_pipeline` must be 'zarr' or 'zarrs', got {name!r}."
+        raise ValueError(msg)
+    if name == "zarrs" and importlib.util.find_spec("zarrs") is None:
+        msg = (
+            "`codec_pipeline='zarrs'` needs the zarrs package, which is not installed: "
+            "`pip install zarrs`, or use `codec_pipeline='zarr'`."
+        )
+        raise ImportError(msg)
+    return name
 
 
 def _image_uns_key(adata_manager: AnnDataManager, image_key: str) -> str:
@@ -98,6 +121,11 @@ class CropDataset(Dataset):
         about once per window instead of once per batch. ``0`` reads every batch with
         :meth:`CropStore.take` (each touched chunk decoded once per batch). With the default
         ~4 MB chunks, 32 chunks take ~128 MB.
+    codec_pipeline
+        ``"zarr"``: zarr-python's own decoding. ``"zarrs"``: the Rust codec pipeline of the
+        `zarrs <https://github.com/zarrs/zarrs-python>`_ package (``pip install zarrs``), which
+        decoded the default blosc-zstd chunks with 8-14% less CPU time in
+        ``benchmarks/results/loader.md``. Reading is the same either way.
 
     Notes
     -----
@@ -121,12 +149,18 @@ class CropDataset(Dataset):
     """
 
     def __init__(
-        self, adata_manager: AnnDataManager, *, image_key: str = "crops", cache_chunks: int = 32
+        self,
+        adata_manager: AnnDataManager,
+        *,
+        image_key: str = "crops",
+        cache_chunks: int = 32,
+        codec_pipeline: CodecPipeline = "zarr",
     ) -> None:
         if isinstance(cache_chunks, bool) or int(cache_chunks) != cache_chunks or cache_chunks < 0:
             msg = f"`cache_chunks` must be a non-negative integer, got {cache_chunks!r}."
             raise ValueError(msg)
         self.cache_chunks = int(cache_chunks)
+        self.codec_pipeline = _check_codec_pipeline(codec_pipeline)
         uns_key = _image_uns_key(adata_manager, image_key)
         reference = crop_reference(adata_manager.adata, uns_key=uns_key)
         self.url = str(reference["url"])
@@ -147,12 +181,16 @@ class CropDataset(Dataset):
         self._store: CropStore | None = None
         self._pid: int | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        #: shared-memory slots of the loader's workers (set by CropDataLoader)
+        self._pool: SlotPool | None = None
 
     @property
     def store(self) -> CropStore:
         """The crop store, opened once per process."""
         if self._store is None or self._pid != os.getpid():
-            self._store = open_crops(self.url, storage_options=self.storage_options)
+            # the pipeline is chosen when the array is opened and kept by it
+            with zarr.config.set(_CODEC_PIPELINES[self.codec_pipeline]):
+                self._store = open_crops(self.url, storage_options=self.storage_options)
             self._pid = os.getpid()
             self._cache = OrderedDict()
         return self._store
@@ -183,55 +221,64 @@ class CropDataset(Dataset):
             self._cache.move_to_end(chunk)
         return data
 
-    def _empty(self, n: int) -> torch.Tensor:
-        """An uninitialised crop batch; in a worker process, already in shared memory."""
+    def _read_into(self, out: np.ndarray, crop_indices: np.ndarray) -> None:
+        """Write the crops of ``crop_indices`` into ``out``, each cached chunk decoded once."""
         store = self.store
-        out = torch.empty((n, *store.shape[1:]), dtype=_TORCH_DTYPES[store.dtype])
-        # sending a tensor from a worker copies it into shared memory unless it is there already
-        return out.share_memory_() if get_worker_info() is not None else out
-
-    def _read(self, crop_indices: np.ndarray) -> torch.Tensor:
-        store = self.store
-        if self.cache_chunks == 0:
-            # `take` reads the sorted unique indices chunk by chunk, restoring the batch order
-            crops = store.take(crop_indices)
-            if get_worker_info() is None:
-                return torch.from_numpy(crops)
-            out = self._empty(len(crop_indices))
-            out.numpy()[:] = crops
-            return out
         chunk_cells = store.chunk_cells
         chunks = crop_indices // chunk_cells
         by_chunk = np.argsort(chunks, kind="stable")
         starts = np.flatnonzero(np.diff(chunks[by_chunk], prepend=-1))
-        out = self._empty(len(crop_indices))
-        view = out.numpy()
         for lo, hi in zip(starts, [*starts[1:], len(by_chunk)], strict=True):
             rows = by_chunk[lo:hi]
             chunk = int(chunks[rows[0]])
-            view[rows] = self._chunk(chunk)[crop_indices[rows] - chunk * chunk_cells]
+            out[rows] = self._chunk(chunk)[crop_indices[rows] - chunk * chunk_cells]
+
+    def _read(self, crop_indices: np.ndarray) -> np.ndarray:
+        store = self.store
+        if self.cache_chunks == 0:
+            # `take` reads the sorted unique indices chunk by chunk, restoring the batch order
+            return store.take(crop_indices)
+        out = np.empty((len(crop_indices), *store.shape[1:]), dtype=store.dtype)
+        self._read_into(out, crop_indices)
         return out
 
-    def __getitem__(self, rows: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+    def _fields(self, rows: np.ndarray, crop_indices: np.ndarray) -> dict[str, np.ndarray]:
+        fields = {CROP_INDEX_KEY: crop_indices.reshape(-1, 1)}
+        fields.update({key: values[rows] for key, values in self.fields.items()})
+        return fields
+
+    def __getitem__(self, rows: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor] | SlotBatch:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         crop_indices = self.crop_indices[rows]
-        batch = {
-            # the store's dtype: workers hand back half the bytes of float32 for uint16 crops
-            X_KEY: self._read(crop_indices),
-            CROP_INDEX_KEY: torch.from_numpy(crop_indices.reshape(-1, 1)),
-        }
-        for key, values in self.fields.items():
-            batch[key] = torch.from_numpy(values[rows])
+        info = get_worker_info()
+        pool = self._pool
+        if (
+            info is not None
+            and pool is not None
+            and info.id < pool.n_workers
+            and len(rows) <= pool.data.shape[2]
+        ):
+            # a data-loader worker of CropDataLoader: write into a shared slot, send its number
+            slot = pool.acquire(info.id)
+            out = pool.data[info.id, slot, : len(rows)].numpy()
+            if self.cache_chunks == 0:
+                out[:] = self.store.take(crop_indices)
+            else:
+                self._read_into(out, crop_indices)
+            return SlotBatch(
+                pool, info.id, slot, len(rows), X_KEY, self._fields(rows, crop_indices)
+            )
+        # the store's dtype, not float32: the module converts on the device
+        batch = {X_KEY: torch.from_numpy(self._read(crop_indices))}
+        batch.update(
+            {key: torch.from_numpy(v) for key, v in self._fields(rows, crop_indices).items()}
+        )
         return batch
 
 
-def _from_worker(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | np.ndarray]:
-    """Collate in a worker: the small fields travel as arrays inside the message.
-
-    Each tensor a worker sends costs a shared-memory segment and a file-descriptor handshake
-    (~1 ms); only the crops are worth it.
-    """
-    return {key: value if key == X_KEY else value.numpy() for key, value in batch.items()}
+def _keep(batch: Any) -> Any:
+    """Collate in a worker: the batch as the dataset gave it (a :class:`SlotBatch`)."""
+    return batch
 
 
 class CropDataLoader(DataLoader):
@@ -259,8 +306,10 @@ class CropDataLoader(DataLoader):
     seed
         Seed of the shuffles; ``scvi.settings.seed`` by default.
     num_workers
-        Worker processes reading crops. Workers of an in-memory store are forked (they only see
-        the store through the parent's memory).
+        Worker processes reading crops. Each worker reads its own contiguous run of the epoch's
+        batches (see :class:`BalancedChunkSampler`), so its chunk cache is not shared, and
+        writes them into shared-memory slots reused batch after batch. Workers of an in-memory
+        store are forked (they only see the store through the parent's memory).
     image_key
         Registry key of the image field.
     perturbation_key
@@ -274,15 +323,33 @@ class CropDataLoader(DataLoader):
     cache_chunks
         Decoded chunks cached per process (see :class:`CropDataset`); ``4 * window_chunks`` by
         default, ``0`` to read each batch with :meth:`CropStore.take` only.
+    codec_pipeline
+        ``"zarr"`` or ``"zarrs"`` (faster decoding, ``pip install zarrs``); see
+        :class:`CropDataset`.
     **dataloader_kwargs
-        Passed to :class:`torch.utils.data.DataLoader` (``pin_memory``, ``persistent_workers``,
-        ``prefetch_factor``, ...).
+        Passed to :class:`torch.utils.data.DataLoader`. ``pin_memory`` defaults to whether a
+        CUDA GPU is available, ``persistent_workers`` to `True` when ``num_workers > 0`` (workers
+        keep their open store and chunk cache between epochs); ``prefetch_factor`` (2) batches
+        per worker are read ahead.
 
     Notes
     -----
-    Each batch is a dict described in :class:`CropDataset`. The sampler is the loader's
-    ``sampler`` (batches are fetched whole, ``batch_size=None`` for torch), so Lightning calls its
-    ``set_epoch``. Under DDP train with ``use_distributed_sampler=False`` so that Lightning keeps it.
+    Each batch is a dict described in :class:`CropDataset`; its crops keep the store's dtype
+    (``torch.uint16``), and the model converts them to float on its device. The sampler is the
+    loader's ``sampler`` (batches are fetched whole, ``batch_size=None`` for torch), so Lightning
+    calls its ``set_epoch``. Under DDP train with ``use_distributed_sampler=False`` so that
+    Lightning keeps it.
+
+    Settings for a GPU node (e.g. 16 cores, one GPU; ``benchmarks/results/loader.md``): one
+    worker decodes about 8,000-10,000 balanced cells/s of 4 x 64 x 64 uint16 crops per core
+    (blosc-zstd, 128 cells per chunk), and the GPU trains far faster than one core reads, so use
+    most cores for workers: ``num_workers=12`` (cores minus the main process, the pin-memory
+    thread and some room), ``window_chunks=8`` to ``16`` (more mixing, more cache),
+    ``cache_chunks`` left at ``4 * window_chunks`` per worker (~128-256 MB each),
+    ``pin_memory=True``, ``persistent_workers=True``, ``prefetch_factor=4`` and
+    ``codec_pipeline="zarrs"``. With ``model.train()``: ``num_workers=12,
+    datasplitter_kwargs={"prefetch_factor": 4, "codec_pipeline": "zarrs"}``. Under DDP these are
+    per rank: divide the cores among the ranks.
 
     Examples
     --------
@@ -312,10 +379,13 @@ class CropDataLoader(DataLoader):
         num_replicas: int | None = None,
         rank: int | None = None,
         cache_chunks: int | None = None,
+        codec_pipeline: CodecPipeline = "zarr",
         **dataloader_kwargs,
     ) -> None:
         cache = 4 * int(window_chunks) if cache_chunks is None else cache_chunks
-        dataset = CropDataset(adata_manager, image_key=image_key, cache_chunks=cache)
+        dataset = CropDataset(
+            adata_manager, image_key=image_key, cache_chunks=cache, codec_pipeline=codec_pipeline
+        )
         n_obs = len(dataset)
         if indices is None:
             rows = np.arange(n_obs, dtype=np.int64)
@@ -361,7 +431,7 @@ class CropDataLoader(DataLoader):
         )
         self.indices = rows
         if num_workers > 0:
-            dataloader_kwargs.setdefault("collate_fn", _from_worker)
+            dataloader_kwargs.setdefault("collate_fn", _keep)
         super().__init__(
             dataset,
             sampler=sampler,
@@ -371,13 +441,17 @@ class CropDataLoader(DataLoader):
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.num_workers > 0 and self.collate_fn is _keep and self.dataset._pool is None:
+            # before the workers start, so that forked workers share it
+            store = self.dataset.store
+            self.dataset._pool = SlotPool(
+                self.num_workers,
+                (self.prefetch_factor or 2) + 2,
+                (self.sampler.batch_size, *store.shape[1:]),
+                _TORCH_DTYPES[store.dtype],
+            )
         for batch in super().__iter__():
-            if self.collate_fn is _from_worker:
-                batch = {
-                    key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
-                    for key, value in batch.items()
-                }
-            yield batch
+            yield batch.to_tensors() if isinstance(batch, SlotBatch) else batch
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch of the sampler (for custom training loops)."""

@@ -121,8 +121,8 @@ class BalancedChunkSampler(Sampler[list[int]]):
     rank
         Rank of this process; by default the rank of ``torch.distributed`` if initialised, else 0.
     num_workers
-        Data-loader worker processes the batches are dealt to (see Notes); 0 or 1: the batches
-        come in the order described above.
+        Data-loader worker processes the batches are dealt to when ``shuffle=True`` (see
+        Notes); 0 or 1, or ``shuffle=False``: the batches come in the order described above.
 
     Notes
     -----
@@ -131,7 +131,8 @@ class BalancedChunkSampler(Sampler[list[int]]):
     contiguous runs and emitted taking turns (run 0's first batch, run 1's first, ..., run 0's
     second, ...), so each worker reads one run: its own chunk windows, consecutive batches of
     which share chunks that its chunk cache decodes once. The batches of an epoch are the same
-    for every ``num_workers``; only their order differs (deterministically).
+    for every ``num_workers``; only their order differs (deterministically). Unshuffled batches
+    (validation, embedding) keep their order.
 
     Distributed runs: the per-epoch order of each stream is the same on every rank (shared seed)
     and is cut into ``num_replicas`` contiguous pieces, so each rank reads its own chunk windows and
@@ -329,7 +330,7 @@ class BalancedChunkSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._batches()
-        if self.num_workers < 2:
+        if self.num_workers < 2 or not self.shuffle:
             yield from batches
             return
         # k contiguous runs, the longer ones first, so that the DataLoader's turn-taking gives

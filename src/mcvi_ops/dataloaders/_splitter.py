@@ -49,7 +49,8 @@ class CropDataSplitter(DataSplitter):
     load_sparse_tensor
         Must stay `False`: crops are dense (an error otherwise).
     pin_memory
-        Copy batches into page-locked memory (faster transfers to a GPU).
+        Copy batches into page-locked memory (faster transfers to a GPU); `None`: when the
+        attached trainer trains on a CUDA device (without a trainer: when CUDA is available).
     batch_size
         Cells per batch; ``scvi.settings.batch_size`` by default.
     balanced
@@ -96,7 +97,7 @@ class CropDataSplitter(DataSplitter):
         validation_size: float | None = None,
         shuffle_set_split: bool = True,
         load_sparse_tensor: bool = False,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         *,
         batch_size: int | None = None,
         balanced: bool = True,
@@ -229,6 +230,11 @@ class CropDataSplitter(DataSplitter):
                 )
                 balanced = False
         num_replicas, rank = self._replicas
+        pin_memory = self.pin_memory
+        if pin_memory is None:
+            trainer = getattr(self, "trainer", None)
+            device = getattr(trainer, "root_device", None) if trainer is not None else None
+            pin_memory = device.type == "cuda" if device is not None else None
         return self.data_loader_cls(
             self.adata_manager,
             indices,
@@ -244,7 +250,7 @@ class CropDataSplitter(DataSplitter):
             control_code=self.control_code,
             num_replicas=num_replicas,
             rank=rank,
-            pin_memory=self.pin_memory,
+            pin_memory=pin_memory,
             **self.data_loader_kwargs,
         )
 

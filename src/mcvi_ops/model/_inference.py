@@ -67,6 +67,8 @@ class InferenceLoader(CropDataLoader):
         self._obs_names = np.asarray(adata_manager.adata.obs_names)
 
     def _check_finite(self, batch: dict[str, torch.Tensor]) -> None:
+        if not batch[REGISTRY_KEYS.X_KEY].is_floating_point():
+            return  # integer crops (uint8, uint16 stores) are always finite
         finite = torch.isfinite(batch[REGISTRY_KEYS.X_KEY]).flatten(1).all(dim=1)
         if bool(finite.all()):
             return

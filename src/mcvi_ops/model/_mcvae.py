@@ -16,11 +16,18 @@ from mcvi_ops._constants import OBSM, PERTURBATION_KEY
 from mcvi_ops.module import MultiContrastiveVAE
 
 from ._base import BaseImageModel
+from ._distributed import outputs_on_devices
 
 logger = logging.getLogger(__name__)
 
 LatentKind = Literal["salient", "background", "both"]
 _OBSM_KEYS = {"salient": OBSM.salient, "background": OBSM.background, "both": OBSM.both}
+
+
+def _posterior_means(module: MultiContrastiveVAE, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Posterior means ``s`` then ``z`` of a minibatch (for embedding on several devices)."""
+    out = module.inference(**module._get_inference_input(tensors))
+    return torch.cat([out["qs"].loc, out["qz"].loc], dim=1)
 
 
 class MCVAE(BaseImageModel):
@@ -115,6 +122,9 @@ class MCVAE(BaseImageModel):
         batch_size: int | None = None,
         add_to_obsm: bool = False,
         progress_bar: bool | None = None,
+        devices: int | list[int] | str | None = None,
+        accelerator: str = "auto",
+        strategy: str | None = None,
     ) -> np.ndarray:
         """Posterior means of the salient and/or background latents.
 
@@ -133,6 +143,17 @@ class MCVAE(BaseImageModel):
             salient and background parts are written too, so one call stores all three.
         progress_bar
             Show a progress bar over the cells; `None`: when there are more than 10 minibatches.
+        devices
+            `None`: embed in this process, on the model's device. Otherwise embed with Lightning
+            on these devices of ``accelerator`` (e.g. ``devices=4, strategy="ddp"``): each rank
+            embeds a contiguous, chunk-aligned shard of the cells and every rank returns all
+            rows in order. Run it from a script, as training with ``strategy="ddp"`` (Lightning
+            starts the script again for the other ranks).
+        accelerator
+            Lightning accelerator when ``devices`` is given (``"auto"``, ``"gpu"``, ``"cpu"``).
+        strategy
+            Lightning strategy when ``devices`` is given; `None`: Lightning's choice (``"ddp"``
+            for several devices).
 
         Returns
         -------
@@ -154,17 +175,37 @@ class MCVAE(BaseImageModel):
             )
             raise ValueError(msg)
         self.module.eval()
-        salient, background = [], []
-        for tensors in self._iterate(adata, indices, batch_size, progress_bar=progress_bar):
-            out = self.module.inference(**self.module._get_inference_input(tensors))
-            salient.append(out["qs"].loc.float().cpu())
-            background.append(out["qz"].loc.float().cpu())
-        parts = {
-            "salient": [torch.cat(salient)],
-            "background": [torch.cat(background)],
-            "both": [torch.cat(salient), torch.cat(background)],
-        }[kind]
-        latent = torch.cat(parts, dim=1).numpy()
+        if devices is not None:  # several devices: see model/_distributed.py
+            both = outputs_on_devices(
+                self,
+                adata,
+                indices,
+                _posterior_means,
+                batch_size=batch_size,
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy,
+                progress_bar=progress_bar,
+            )
+            n_salient = self.module.n_salient_latent
+            latent = {
+                "salient": both[:, :n_salient],
+                "background": both[:, n_salient:],
+                "both": both,
+            }[kind]
+            latent = np.ascontiguousarray(latent)
+        else:
+            salient, background = [], []
+            for tensors in self._iterate(adata, indices, batch_size, progress_bar=progress_bar):
+                out = self.module.inference(**self.module._get_inference_input(tensors))
+                salient.append(out["qs"].loc.float().cpu())
+                background.append(out["qz"].loc.float().cpu())
+            parts = {
+                "salient": [torch.cat(salient)],
+                "background": [torch.cat(background)],
+                "both": [torch.cat(salient), torch.cat(background)],
+            }[kind]
+            latent = torch.cat(parts, dim=1).numpy()
         if add_to_obsm:
             target = self.adata if adata is None else adata
             self._write_obsm(target, _OBSM_KEYS[kind], latent)
