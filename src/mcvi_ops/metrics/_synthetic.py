@@ -9,6 +9,8 @@ import pandas as pd
 from anndata import AnnData
 from sklearn.metrics import roc_auc_score
 
+from mcvi_ops.datasets._complexes import complexes_of
+
 from ._covariates import technical_covariates
 from ._relationships import known_relationships
 
@@ -23,6 +25,41 @@ def _truth(adata: AnnData) -> pd.DataFrame:
         )
         raise KeyError(msg)
     return pd.DataFrame(adata.uns["ground_truth"])
+
+
+def novelty_auroc(
+    adata: AnnData,
+    *,
+    salient_rep: str,
+    background_rep: str,
+    perturbation_key: str = "gene_symbol",
+    control_category: str = "nontargeting",
+    guide_key: str = "sgRNA",
+    n_permutations: int = 200,
+    seed: int = 0,
+) -> float:
+    """AUROC with which each gene's salient share separates simulated novel from shift effects.
+
+    The salient share ``||s||^2 / (||s||^2 + ||z||^2)`` comes from
+    :func:`~mcvi_ops.tl.phenotype_novelty`; genes without an effect are left out.
+    """
+    from mcvi_ops.tl import phenotype_novelty
+
+    kinds = _truth(adata)["effect_kind"].astype(str)
+    novelty = phenotype_novelty(
+        adata,
+        salient_rep=salient_rep,
+        background_rep=background_rep,
+        perturbation_key=perturbation_key,
+        control_category=control_category,
+        guide_key=guide_key,
+        n_permutations=n_permutations,
+        seed=seed,
+    )
+    with_effect = kinds[kinds.isin(["novel", "shift"])]
+    share = novelty["salient_share"].reindex(with_effect.index)
+    keep = share.notna()
+    return float(roc_auc_score((with_effect[keep] == "novel").to_numpy(), share[keep].to_numpy()))
 
 
 def score_synthetic_screen(
@@ -65,7 +102,7 @@ def score_synthetic_screen(
     ``well_chance``, ``complex_average_precision``, ``complex_ap_baseline``,
     ``novelty_auroc``) and ``value``.
     """
-    from mcvi_ops.tl import aggregate, phenotype_novelty
+    from mcvi_ops.tl import aggregate
 
     truth = _truth(adata)
     reps = list(use_rep)
@@ -84,11 +121,7 @@ def score_synthetic_screen(
     for _, row in leak.iterrows():
         rows.append((row["representation"], "well_macro_f1", float(row["macro_f1"])))
         rows.append((row["representation"], "well_chance", 1.0 / n_wells))
-    with_complex = truth[truth["complex"].astype(str) != "none"]
-    complexes = {
-        str(name): list(members.index.astype(str))
-        for name, members in with_complex.groupby("complex", observed=True)
-    }
+    complexes = complexes_of(truth.assign(complex=truth["complex"].astype(str)))
     genes = aggregate(
         work,
         use_rep=reps,
@@ -102,9 +135,8 @@ def score_synthetic_screen(
     for _, row in ap.iterrows():
         rows.append((row["representation"], "complex_average_precision", float(row["value"])))
         rows.append((row["representation"], "complex_ap_baseline", float(row["baseline"])))
-    kinds = truth["effect_kind"].astype(str)
     for name, (salient, background) in (salient_background or {}).items():
-        novelty = phenotype_novelty(
+        auroc = novelty_auroc(
             work,
             salient_rep=salient,
             background_rep=background,
@@ -114,11 +146,5 @@ def score_synthetic_screen(
             n_permutations=n_permutations,
             seed=seed,
         )
-        genes_with_effect = kinds[kinds.isin(["novel", "shift"])]
-        share = novelty["salient_share"].reindex(genes_with_effect.index)
-        keep = share.notna()
-        auroc = roc_auc_score(
-            (genes_with_effect[keep] == "novel").to_numpy(), share[keep].to_numpy()
-        )
-        rows.append((name, "novelty_auroc", float(auroc)))
+        rows.append((name, "novelty_auroc", auroc))
     return pd.DataFrame(rows, columns=["representation", "metric", "value"])
