@@ -187,32 +187,17 @@ class MCVAE(BaseImageModel):
                 strategy=strategy,
                 progress_bar=progress_bar,
             )
-            n_salient = self.module.n_salient_latent
-            latent = {
-                "salient": both[:, :n_salient],
-                "background": both[:, n_salient:],
-                "both": both,
-            }[kind]
-            latent = np.ascontiguousarray(latent)
         else:
-            salient, background = [], []
-            for tensors in self._iterate(adata, indices, batch_size, progress_bar=progress_bar):
-                out = self.module.inference(**self.module._get_inference_input(tensors))
-                salient.append(out["qs"].loc.float().cpu())
-                background.append(out["qz"].loc.float().cpu())
-            parts = {
-                "salient": [torch.cat(salient)],
-                "background": [torch.cat(background)],
-                "both": [torch.cat(salient), torch.cat(background)],
-            }[kind]
-            latent = torch.cat(parts, dim=1).numpy()
+            batches = self._iterate(adata, indices, batch_size, progress_bar=progress_bar)
+            both = torch.cat([_posterior_means(self.module, t).float().cpu() for t in batches])
+            both = both.numpy()
+        n_salient = self.module.n_salient_latent
+        parts = {"salient": both[:, :n_salient], "background": both[:, n_salient:], "both": both}
+        latent = np.ascontiguousarray(parts[kind])
         if add_to_obsm:
             target = self.adata if adata is None else adata
-            self._write_obsm(target, _OBSM_KEYS[kind], latent)
-            if kind == "both":
-                n_salient = self.module.n_salient_latent
-                self._write_obsm(target, OBSM.salient, latent[:, :n_salient])
-                self._write_obsm(target, OBSM.background, latent[:, n_salient:])
+            for written in ("salient", "background", "both") if kind == "both" else (kind,):
+                self._write_obsm(target, _OBSM_KEYS[written], np.ascontiguousarray(parts[written]))
         return latent
 
     def get_perturbation_priors(self) -> pd.DataFrame:
