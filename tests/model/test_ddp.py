@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import mcvi_ops
+from .conftest import run_script, tiny_screen_on_disk
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    screen = mcvi_ops.datasets.synthetic_screen(
-        n_cells=360,
-        n_genes=6,
-        n_control_guides=4,
-        crop_size=32,
-        seed=0,
-        path=tmp_path / "crops.zarr",
-    )
-    screen.write_h5ad(tmp_path / "screen.h5ad")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    tiny_screen_on_disk(tmp_path)
+    run_script(SCRIPT, tmp_path, tmp_path, cwd=tmp_path, timeout=600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     # gradients are averaged across ranks, so both end with the same weights

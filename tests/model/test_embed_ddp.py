@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import pytest
 import mcvi_ops
 from mcvi_ops.model._distributed import shard_bounds
 
-from .conftest import FAST_MODULE
+from .conftest import FAST_MODULE, run_script, tiny_screen_on_disk
 
 SCRIPT = Path(__file__).with_name("ddp_embed.py")
 
@@ -41,16 +38,7 @@ def test_shard_bounds_small_and_unsorted():
 
 
 def test_embed_two_cpu_processes_matches_one(tmp_path):
-    screen = mcvi_ops.datasets.synthetic_screen(
-        n_cells=360,
-        n_genes=6,
-        n_control_guides=4,
-        crop_size=32,
-        seed=0,
-        path=tmp_path / "crops.zarr",
-        chunk_cells=32,
-    )
-    screen.write_h5ad(tmp_path / "screen.h5ad")
+    screen = tiny_screen_on_disk(tmp_path, chunk_cells=32)
     mcvi_ops.MCVAE.setup_anndata(screen, perturbation_key="gene_symbol")
     model = mcvi_ops.MCVAE(screen, **FAST_MODULE)
     model.is_trained_ = True  # the weights need not be trained to compare embeddings
@@ -60,16 +48,7 @@ def test_embed_two_cpu_processes_matches_one(tmp_path):
     expected_all = model.get_latent_representation(kind="both")
     expected_subset = model.get_latent_representation(indices=subset, kind="salient")
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(SCRIPT, tmp_path, cwd=tmp_path, timeout=300)
     for rank in (0, 1):
         every = np.load(tmp_path / f"rank{rank}_all.npy")
         salient = np.load(tmp_path / f"rank{rank}_subset.npy")
