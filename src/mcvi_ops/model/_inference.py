@@ -10,13 +10,8 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from tqdm.auto import tqdm
 
-from mcvi_ops._constants import CROP_INDEX_KEY
 from mcvi_ops.dataloaders import CropDataLoader
-from mcvi_ops.train._callbacks import (
-    NonFiniteCropsError,
-    describe_cells,
-    nonfinite_crops_message,
-)
+from mcvi_ops.train._callbacks import check_finite_batch
 
 #: show a progress bar by default when embedding takes more minibatches than this
 PROGRESS_MIN_BATCHES = 10
@@ -67,14 +62,7 @@ class InferenceLoader(CropDataLoader):
         self._obs_names = np.asarray(adata_manager.adata.obs_names)
 
     def _check_finite(self, batch: dict[str, torch.Tensor]) -> None:
-        if not batch[REGISTRY_KEYS.X_KEY].is_floating_point():
-            return  # integer crops (uint8, uint16 stores) are always finite
-        finite = torch.isfinite(batch[REGISTRY_KEYS.X_KEY]).flatten(1).all(dim=1)
-        if bool(finite.all()):
-            return
-        bad = batch[CROP_INDEX_KEY].reshape(-1)[~finite].numpy()
-        cells = describe_cells(bad, self._obs_names, self.dataset.crop_indices)
-        raise NonFiniteCropsError(nonfinite_crops_message("to embed", cells, len(bad)))
+        check_finite_batch(batch, "to embed", self._obs_names, self.dataset.crop_indices)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         bar = tqdm(

@@ -54,6 +54,21 @@ def nonfinite_crops_message(where: str, cells: str, n_cells: int) -> str:
     )
 
 
+def check_finite_batch(
+    batch: dict[str, torch.Tensor], where: str, obs_names: np.ndarray, crop_indices: np.ndarray
+) -> None:
+    """Raise :class:`NonFiniteCropsError` naming the cells of ``batch`` with NaN/inf pixels."""
+    x = batch[REGISTRY_KEYS.X_KEY]
+    if not x.is_floating_point():
+        return  # integer crops (uint8, uint16 stores) are always finite
+    finite = torch.isfinite(x).flatten(1).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = batch[CROP_INDEX_KEY].reshape(-1)[~finite].cpu().numpy()
+    cells = describe_cells(bad, obs_names, crop_indices)
+    raise NonFiniteCropsError(nonfinite_crops_message(where, cells, len(bad)))
+
+
 class CheckInputs(Callback):
     """Stop training with an error naming the cells when a minibatch holds NaN/inf pixels.
 
@@ -78,14 +93,7 @@ class CheckInputs(Callback):
         self.crop_indices = np.asarray(crop_indices).reshape(-1)
 
     def _check(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        x = batch[REGISTRY_KEYS.X_KEY]
-        finite = torch.isfinite(x).flatten(1).all(dim=1)
-        if bool(finite.all()):
-            return
-        bad = batch[CROP_INDEX_KEY].reshape(-1)[~finite].cpu().numpy()
-        cells = describe_cells(bad, self.obs_names, self.crop_indices)
-        msg = nonfinite_crops_message(f"of a {stage} minibatch", cells, len(bad))
-        raise NonFiniteCropsError(msg)
+        check_finite_batch(batch, f"of a {stage} minibatch", self.obs_names, self.crop_indices)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._check(batch, "training")
