@@ -228,7 +228,7 @@ def main() -> None:
         f"- batch size {args.batch_size}; {(codes == 0).mean():.0%} controls; chunk cache "
         f"4 * window_chunks = 32 chunks per process; medians of {args.repeats} interleaved repeats",
         f"- command: `python benchmarks/bench_loader.py --n-cells {args.n_cells} --batch-size "
-        f"{args.batch_size} --repeats {args.repeats}"
+        f"{args.batch_size} --repeats {args.repeats} --control-fraction {args.control_fraction}"
         + (f" --baseline-ref {args.baseline_ref}" if args.baseline_ref else "")
         + "`",
         "",

@@ -151,7 +151,10 @@ def quality(path: Path, n_cells: int, epochs: int, batch_size: int) -> pd.DataFr
         baseline = scores.query("metric == 'complex_ap_baseline'")["value"].iloc[0]
         f1 = scores.query("metric == 'well_macro_f1'")["value"].iloc[0]
         final = model.history["validation_loss"].iloc[-1, 0]
-        rows.append((precision, round(seconds), round(float(final), 1), ap, baseline, f1))
+        rows.append(
+            (precision, round(seconds), round(float(final), 1))
+            + tuple(round(float(v), 3) for v in (ap, baseline, f1))
+        )
         print(rows[-1], flush=True)
     return pd.DataFrame(
         rows,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 
@@ -340,57 +341,59 @@ def test_loader_two_workers_match_store():
     codes = manager.get_from_registry("perturbation").reshape(-1)
     for epoch in range(2):
         loader.set_epoch(epoch)
+        # every batch kept: slots run out (batches then come the usual way), none overwritten
         batches = list(zip(loader.sampler, loader, strict=True))
         assert len(batches) == len(loader)
-        for rows, batch in batches:  # every batch kept: no slot was overwritten under it
+        for rows, batch in batches:
             assert batch["X"].dtype == torch.uint16
             np.testing.assert_array_equal(batch["X"].numpy(), store.take(crop_index[rows]))
             np.testing.assert_array_equal(batch["perturbation"].numpy()[:, 0], codes[rows])
             np.testing.assert_array_equal(batch["crop_index"].numpy()[:, 0], crop_index[rows])
 
 
-def test_loader_workers_survive_epochs_cut_short(monkeypatch):
-    from mcvi_ops.dataloaders import _slots
-
-    monkeypatch.setattr(_slots, "WAIT_TIMEOUT_SECONDS", 30.0)  # an error, not a hang
+def test_loader_workers_survive_epochs_cut_short():
     manager, store = make_manager(n_cells=240, n_control=60)
     loader = CropDataLoader(manager, batch_size=8, num_workers=2, prefetch_factor=2)
     for _ in range(3):  # batches read ahead and dropped must free their slots
         for i, _batch in enumerate(loader):
             if i == 1:
                 break
-    x = torch.cat([b["X"] for b in loader]).numpy()
+    del _batch
+    x = np.concatenate([b["X"].numpy().copy() for b in loader])
     np.testing.assert_array_equal(x, store.to_numpy())
+    assert loader.dataset._pool.busy.sum() == 0  # every slot free after a whole epoch
 
 
-def test_slot_pool_copies_out_and_frees():
+def test_slot_pool_hands_out_views_freed_with_the_tensor():
     from mcvi_ops.dataloaders import _slots
 
     pool = _slots.SlotPool(2, 2, (3, 1, 2, 2), torch.uint16)
     slot = pool.acquire(1)
     pool.data[1, slot].numpy()[:] = 7
     batch = _slots.SlotBatch(pool, 1, slot, 2, "X", {"perturbation": np.array([[0], [3]])})
-    assert pool.busy[1, slot] == 1
     out = batch.to_tensors()
-    assert pool.busy[1, slot] == 0
-    pool.data[1, slot].numpy()[:] = 9  # the batch handed out is a copy
+    del batch
     assert out["X"].shape == (2, 1, 2, 2) and (out["X"] == 7).all()
     assert out["perturbation"].tolist() == [[0], [3]]
+    first_row = out["X"][0]
+    del out
+    assert pool.busy[1, slot] == 1  # a view of the slot is still alive
+    del first_row
+    assert pool.busy[1, slot] == 0
     # a batch dropped unread frees its slot too
-    slots = [pool.acquire(0), pool.acquire(0)]
-    assert sorted(slots) == [0, 1]
-    _slots.SlotBatch(pool, 0, slots[0], 1, "X", {})
-    assert pool.busy[0].tolist() == [0, 1] if slots[0] == 0 else [1, 0]
+    slot = pool.acquire(0)
+    _slots.SlotBatch(pool, 0, slot, 1, "X", {})
+    assert pool.busy[0, slot] == 0
 
 
-def test_slot_pool_full_times_out(monkeypatch):
+def test_slot_pool_full_falls_back():
     from mcvi_ops.dataloaders import _slots
 
-    monkeypatch.setattr(_slots, "WAIT_TIMEOUT_SECONDS", 0.01)
     pool = _slots.SlotPool(1, 1, (1, 1, 1, 1), torch.uint8)
-    pool.acquire(0)
-    with pytest.raises(TimeoutError, match="waited"):
-        pool.acquire(0)
+    assert pool.acquire(0) == 0
+    start = time.monotonic()
+    assert pool.acquire(0) is None  # the worker then sends the batch the usual way
+    assert time.monotonic() - start < 1.0
 
 
 def test_loader_zarrs_codec_pipeline(tmp_path):

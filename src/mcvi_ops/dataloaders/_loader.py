@@ -124,8 +124,8 @@ class CropDataset(Dataset):
     codec_pipeline
         ``"zarr"``: zarr-python's own decoding. ``"zarrs"``: the Rust codec pipeline of the
         `zarrs <https://github.com/zarrs/zarrs-python>`_ package (``pip install zarrs``), which
-        decoded the default blosc-zstd chunks with 8-14% less CPU time in
-        ``benchmarks/results/loader.md``. Reading is the same either way.
+        decoded the default blosc-zstd chunks with 4-14% less CPU time per cell in
+        ``benchmarks/results/loader.md``. The crops read are the same either way.
 
     Notes
     -----
@@ -252,14 +252,16 @@ class CropDataset(Dataset):
         crop_indices = self.crop_indices[rows]
         info = get_worker_info()
         pool = self._pool
+        slot = None
         if (
             info is not None
             and pool is not None
             and info.id < pool.n_workers
-            and len(rows) <= pool.data.shape[2]
+            and len(rows) <= pool.batch_capacity
         ):
-            # a data-loader worker of CropDataLoader: write into a shared slot, send its number
             slot = pool.acquire(info.id)
+        if slot is not None:
+            # a data-loader worker of CropDataLoader: write into a shared slot, send its number
             out = pool.data[info.id, slot, : len(rows)].numpy()
             if self.cache_chunks == 0:
                 out[:] = self.store.take(crop_indices)
@@ -340,13 +342,14 @@ class CropDataLoader(DataLoader):
     calls its ``set_epoch``. Under DDP train with ``use_distributed_sampler=False`` so that
     Lightning keeps it.
 
-    Settings for a GPU node (e.g. 16 cores, one GPU; ``benchmarks/results/loader.md``): one
-    worker decodes about 8,000-10,000 balanced cells/s of 4 x 64 x 64 uint16 crops per core
-    (blosc-zstd, 128 cells per chunk), and the GPU trains far faster than one core reads, so use
-    most cores for workers: ``num_workers=12`` (cores minus the main process, the pin-memory
-    thread and some room), ``window_chunks=8`` to ``16`` (more mixing, more cache),
-    ``cache_chunks`` left at ``4 * window_chunks`` per worker (~128-256 MB each),
-    ``pin_memory=True``, ``persistent_workers=True``, ``prefetch_factor=4`` and
+    Settings for a GPU node (e.g. 16 cores, one GPU; ``benchmarks/results/loader.md``): a worker
+    reads about 9,000 balanced cells/s of 4 x 64 x 64 uint16 crops per core when a quarter of
+    the cells are controls, and about 3,000 when 5% are (the control half of each batch is read
+    from many chunks), while a GPU trains far faster than one core reads, so give most cores to
+    workers: ``num_workers=12`` (the cores minus the main process, the pin-memory thread and some
+    room), ``window_chunks=8`` to ``16`` (more mixing, more cache), ``cache_chunks`` left at
+    ``4 * window_chunks`` per worker (~4 MB per chunk), ``pin_memory=True`` (the default with a
+    GPU), ``persistent_workers=True`` (the default with workers), ``prefetch_factor=4`` and
     ``codec_pipeline="zarrs"``. With ``model.train()``: ``num_workers=12,
     datasplitter_kwargs={"prefetch_factor": 4, "codec_pipeline": "zarrs"}``. Under DDP these are
     per rank: divide the cores among the ranks.

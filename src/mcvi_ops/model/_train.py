@@ -150,7 +150,7 @@ class ImageTrainingMixin(UnsupervisedTrainingMixin):
             average precision (``benchmarks/results/training.md``); float32 otherwise.
         channels_last
             Store the convolutions' weights channels-last (NHWC). `None`: when training on a CPU
-            in float32, where it trained 1.4x faster (it slowed bfloat16 down there).
+            in float32, where it trained 1.3x faster (it slowed bfloat16 down there).
         train_size
             Fraction of cells (controls and perturbed alike) used for training; ``1.0`` trains on
             every cell without validation (and without early stopping).
