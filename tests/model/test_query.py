@@ -59,15 +59,19 @@ def test_query_rescaled_on_request_embeds_like_the_training_crops(model, screen,
     assert constant.std(axis=0).mean() < 0.1 * expected.std(axis=0).mean()
 
 
-def test_store_replaced_after_setup_is_refused(model, screen, screen_path):
-    crops = linked_store(screen).to_numpy()
-    # the same path, other crops (e.g. an extraction rerun): a new store identifier
+def _replace_store(screen, screen_path):
+    """The same path, other crops (e.g. an extraction rerun): a new store identifier."""
+    store = linked_store(screen)
     write_crops(
         screen_path,
-        crops[::-1].copy(),
-        channel_names=linked_store(screen).channel_names,
+        store.to_numpy()[::-1].copy(),
+        channel_names=store.channel_names,
         overwrite=True,
     )
+
+
+def test_store_replaced_after_setup_is_refused(model, screen, screen_path):
+    _replace_store(screen, screen_path)
     with pytest.raises(StoreChangedError, match="replaced after"):
         model.get_latent_representation()
     with pytest.raises(StoreChangedError, match="replaced after"):
@@ -90,13 +94,7 @@ def test_load_refuses_a_store_replaced_behind_the_anndata(
     model, screen, screen_path, tmp_path, caplog
 ):
     model.save(tmp_path / "model")
-    crops = linked_store(screen).to_numpy()
-    write_crops(
-        screen_path,
-        crops[::-1].copy(),
-        channel_names=linked_store(screen).channel_names,
-        overwrite=True,
-    )
+    _replace_store(screen, screen_path)
     with pytest.raises(StoreChangedError, match="replaced after adata was linked"):
         MCVAE.load(tmp_path / "model", screen)
     # relinked on purpose: loads, with a warning that the crops are not the trained ones
