@@ -197,7 +197,7 @@ class CropStore:
 
     @property
     def nonfinite(self) -> dict[str, Any]:
-        """How NaN/inf pixels were treated: ``policy`` and the ``n_values``/``n_cells`` zeroed."""
+        """How NaN/inf pixels were treated (``policy``, and the ``n_values``/``n_cells`` zeroed)."""
         return dict(self.format_attrs.get("nonfinite", {"policy": "raise"}))
 
     def __len__(self) -> int:

@@ -361,7 +361,7 @@ class CropWriter:
 
     @property
     def url(self) -> str:
-        """A plain string naming the store (for :func:`write_chunk` in other processes)."""
+        """A plain string naming the store (for ``write_chunk`` in other processes)."""
         return self._url
 
     @property
@@ -438,7 +438,7 @@ class CropWriter:
     def reserve(self, n_cells: int) -> None:
         """Let other processes write whole chunks of the first ``n_cells`` rows.
 
-        Buffered rows are flushed first. Other processes then call :func:`write_chunk` with
+        Buffered rows are flushed first. Other processes then call ``write_chunk`` with
         :attr:`url`, and this writer is finished with ``close(n_cells=...)``, the number of rows
         actually written; :meth:`append` is no longer allowed.
         """

@@ -106,7 +106,7 @@ class CropDataset(Dataset):
 
     Indexing with a list of row positions returns a whole batch (the loader passes the batches of
     a :class:`BalancedChunkSampler`), so the crops of a batch are read with one
-    :meth:`CropStore.take` call that decodes each touched chunk once.
+    :meth:`~mcvi_ops.data.CropStore.take` call that decodes each touched chunk once.
 
     Parameters
     ----------
@@ -119,7 +119,7 @@ class CropDataset(Dataset):
         process. Chunk-aware samplers revisit the chunks of a window over several batches, so a
         cache of ``4 * window_chunks`` chunks (both streams, two windows each) decodes each chunk
         about once per window instead of once per batch. ``0`` reads every batch with
-        :meth:`CropStore.take` (each touched chunk decoded once per batch). With the default
+        :meth:`~mcvi_ops.data.CropStore.take` (each touched chunk decoded once per batch). With the default
         ~4 MB chunks, 32 chunks take ~128 MB.
     codec_pipeline
         ``"zarr"``: zarr-python's own decoding. ``"zarrs"``: the Rust codec pipeline of the
@@ -324,7 +324,7 @@ class CropDataLoader(DataLoader):
         Rank of this process; see :class:`BalancedChunkSampler`.
     cache_chunks
         Decoded chunks cached per process (see :class:`CropDataset`); ``4 * window_chunks`` by
-        default, ``0`` to read each batch with :meth:`CropStore.take` only.
+        default, ``0`` to read each batch with :meth:`~mcvi_ops.data.CropStore.take` only.
     codec_pipeline
         ``"zarr"`` or ``"zarrs"`` (faster decoding, ``pip install zarrs``); see
         :class:`CropDataset`.

@@ -118,7 +118,7 @@ class BaseImageVAE(BaseModuleClass):
         Network to use instead of the default :class:`~mcvi_ops.nn.ConvDecoder`.
     augment
         During training, show each crop in a random one of its eight orientations (rotations by
-        90 degrees and mirror images; :func:`random_dihedral`), as input and as reconstruction
+        90 degrees and mirror images), as input and as reconstruction
         target alike. Inference never augments.
     """
 

@@ -34,6 +34,9 @@ def aggregate(
     deviation across the perturbation rows. Works on any embedding: the model's latent spaces in
     ``.obsm`` or a feature table in ``.X``.
 
+    Cells with a NaN or infinite value in any of the ``use_rep`` representations are left out
+    (with a warning giving their number), so one bad cell does not turn every profile into NaN.
+
     Parameters
     ----------
     adata
@@ -58,9 +61,6 @@ def aggregate(
         Keep the control rows in the output (flagged by ``obs["is_control"]``). `None` (default):
         control guides are kept at ``level="guide"`` (they are the null for downstream tests) and
         the single control row is dropped at ``level="gene"`` (it is zero after centring).
-
-    Cells with a NaN or infinite value in any of the ``use_rep`` representations are left out
-    (with a warning giving their number), so one bad cell does not turn every profile into NaN.
 
     Returns
     -------
