@@ -79,6 +79,41 @@ def test_train_size_one_trains_without_validation(screen):
     assert len(list(scvi.settings.logging_dir.glob("MCVAE_run_*/checkpoints/last.ckpt"))) == 1
 
 
+def test_max_steps_within_the_first_epoch_trains_without_early_stopping(screen, caplog):
+    model = _model(screen)
+    with caplog.at_level("INFO", logger="mcvi_ops.model._train"):
+        # early stopping is on by default; no validation runs before step 2 ends the run
+        model.train(**FAST_TRAIN, max_steps=2)
+    assert model.is_trained and model.trainer.global_step == 2
+    assert "before any validation: training without early stopping" in caplog.text
+
+
+def _is_channels_last(model) -> bool:
+    conv = next(m for m in model.module.modules() if isinstance(m, torch.nn.Conv2d))
+    return conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    ("bf16", "expected_precision", "expected_channels_last"),
+    [(True, "bf16-mixed", False), (False, "32-true", True)],
+)
+def test_cpu_defaults_pick_precision_and_memory_format(
+    screen, monkeypatch, bf16, expected_precision, expected_channels_last
+):
+    import mcvi_ops.model._train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: bf16)
+    model = _model(screen)
+    model.train(**FAST_TRAIN, accelerator="cpu", max_steps=1)
+    assert model.trainer.precision == expected_precision
+    assert _is_channels_last(model) is expected_channels_last
+    # an explicit choice wins over the defaults
+    model = _model(screen)
+    model.train(**FAST_TRAIN, accelerator="cpu", max_steps=1, precision="32", channels_last=False)
+    assert model.trainer.precision == "32-true"
+    assert not _is_channels_last(model)
+
+
 class _CtrlC(pl.Callback):
     """Press Ctrl-C at the first step of the second epoch."""
 

@@ -247,6 +247,20 @@ class ImageTrainingMixin(UnsupervisedTrainingMixin):
             "n_steps_kl_warmup": n_steps_kl_warmup,
             **(plan_kwargs or {}),
         }
+        max_steps = trainer_kwargs.get("max_steps", -1)
+        if (
+            early_stopping
+            and max_steps is not None
+            and 0 <= max_steps < self._steps_per_epoch(batch_size, train_size)
+        ):
+            # validation runs at the end of an epoch, so a run stopped by `max_steps` within the
+            # first epoch has no validation loss to watch (Lightning would raise at epoch end)
+            logger.info(
+                "max_steps=%d ends training within the first epoch, before any validation: "
+                "training without early stopping.",
+                max_steps,
+            )
+            early_stopping = False
         if splitter.n_val > 0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
             trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
