@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given
 
 import mcvi_ops
-from mcvi_ops.pp._intensity import apply_intensity_factors, estimate_intensity_factors
+from mcvi_ops.pp._intensity import (
+    _percentile_of_counts,
+    apply_intensity_factors,
+    estimate_intensity_factors,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +75,35 @@ def test_errors(screen):
     broken.obs.iloc[3, broken.obs.columns.get_loc("cell_i")] = np.nan
     with pytest.raises(ValueError, match="no finite tile position"):
         estimate_intensity_factors(broken)
+
+
+@given(
+    values=hnp.arrays(np.uint16, st.integers(1, 300), elements=st.integers(0, 70)),
+    q=st.floats(0, 100),
+)
+def test_percentile_of_counts_equals_numpy(values, q):
+    counts = np.bincount(values, minlength=2**16)
+    assert _percentile_of_counts(counts, q) == pytest.approx(np.percentile(values, q), abs=1e-9)
+
+
+def test_statistics_stream_in_blocks_and_match_for_float_crops(screen, tmp_path, monkeypatch):
+    """Blocks of 100 crops give the statistics of all crops read at once, for uint16 and float32."""
+    import mcvi_ops.pp._intensity as intensity
+
+    store = mcvi_ops.data.linked_store(screen)
+    rows = np.arange(0, screen.n_obs, 3)
+    crops = store.take(rows)
+    flat = crops.reshape(*crops.shape[:2], -1)
+    as_float = mcvi_ops.io.crops_from_array(
+        crops.astype(np.float32), tmp_path / "f.zarr", channel_names=store.channel_names
+    )
+    monkeypatch.setattr(intensity, "_READ_CELLS", 100)
+    for source, index in (
+        (store, rows),
+        (mcvi_ops.data.linked_store(as_float), np.arange(len(rows))),
+    ):
+        means, background, dark = intensity._control_statistics(source, index, 0.5)
+        np.testing.assert_allclose(means, flat.mean(-1), rtol=1e-12)
+        np.testing.assert_allclose(background, np.percentile(flat, 1.0, axis=-1))
+        expected = np.percentile(crops.transpose(1, 0, 2, 3).reshape(4, -1), 0.5, axis=1)
+        np.testing.assert_allclose(dark, expected, rtol=1e-6)
