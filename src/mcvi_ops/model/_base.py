@@ -7,7 +7,7 @@ import contextvars
 import importlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -372,12 +372,34 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         *,
         progress_bar: bool | None = None,
         description: str = "Embedding",
-    ) -> Iterator[dict[str, torch.Tensor]]:
+    ) -> InferenceLoader:
+        """The checked minibatches of ``adata`` (its rows ``indices``) in row order."""
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
         with self._progress(progress_bar, description):
-            loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        yield from loader
+            return self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+
+    @staticmethod
+    def _stack_rows(
+        loader: InferenceLoader, compute: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    ) -> np.ndarray:
+        """``compute`` of every minibatch, stacked row by row into one float32 array.
+
+        The rows are written into an array allocated once, so embedding a screen never holds a
+        second copy of its embeddings (a list of minibatch results, then their concatenation).
+        """
+        out: np.ndarray | None = None
+        start = 0
+        for tensors in loader:
+            values = compute(tensors).float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(loader.indices), *values.shape[1:]), dtype=np.float32)
+            out[start : start + len(values)] = values
+            start += len(values)
+        if out is None or start != len(out):
+            msg = f"The data loader gave {start} rows, expected {len(loader.indices)}."
+            raise RuntimeError(msg)
+        return out
 
     def _to_images(self, transformed: torch.Tensor, inverse_transform: bool) -> np.ndarray:
         out = self.module.transform.inverse(transformed) if inverse_transform else transformed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -188,9 +189,8 @@ class MCVAE(BaseImageModel):
                 progress_bar=progress_bar,
             )
         else:
-            batches = self._iterate(adata, indices, batch_size, progress_bar=progress_bar)
-            both = torch.cat([_posterior_means(self.module, t).float().cpu() for t in batches])
-            both = both.numpy()
+            loader = self._iterate(adata, indices, batch_size, progress_bar=progress_bar)
+            both = self._stack_rows(loader, partial(_posterior_means, self.module))
         n_salient = self.module.n_salient_latent
         parts = {"salient": both[:, :n_salient], "background": both[:, n_salient:], "both": both}
         latent = np.ascontiguousarray(parts[kind])
