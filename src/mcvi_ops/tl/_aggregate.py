@@ -10,7 +10,15 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._utils import check_obs_key, finite_rows, get_rep, group_means, rep_label, rep_names
+from ._utils import (
+    check_obs_key,
+    codes_of,
+    finite_rows,
+    get_rep,
+    group_means,
+    rep_label,
+    rep_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +110,10 @@ def aggregate(
         raise ValueError(msg)
     guide_key, gene_key = by
     reps = list(dict.fromkeys(rep_names(use_rep)))
-    guides = check_obs_key(adata, guide_key, what="guide").astype("object")
-    genes = check_obs_key(adata, gene_key, what="gene").astype("object")
-    valid = (guides.notna() & genes.notna()).to_numpy()
+    # integer codes per cell, never a per-cell array of strings (30 M-cell screens)
+    guide_of_cell, all_guides = codes_of(check_obs_key(adata, guide_key, what="guide"))
+    gene_of_cell, all_genes = codes_of(check_obs_key(adata, gene_key, what="gene"))
+    valid = (guide_of_cell >= 0) & (gene_of_cell >= 0)
     if not valid.all():
         logger.warning(
             "Ignoring %d cells with a missing %r or %r.", (~valid).sum(), guide_key, gene_key
@@ -124,21 +133,23 @@ def aggregate(
             f"`use_rep`={[rep_label(r) for r in reps]}; nothing to aggregate."
         )
         raise ValueError(msg)
-    guide_of_cell = guides.to_numpy()[valid].astype(str)
-    gene_of_cell = genes.to_numpy()[valid].astype(str)
-
-    pairs = pd.DataFrame({"guide": guide_of_cell, "gene": gene_of_cell}).drop_duplicates()
-    multi = pairs["guide"].duplicated(keep=False)
-    if multi.any():
-        bad = sorted(pairs.loc[multi, "guide"].unique())[:5]
+    # the distinct (guide, gene) pairs, sorted by guide then gene
+    pairs = np.unique(guide_of_cell[valid] * all_genes.size + gene_of_cell[valid])
+    pair_guide, pair_gene = np.divmod(pairs, all_genes.size)
+    present, n_genes_of_guide = np.unique(pair_guide, return_counts=True)
+    if (n_genes_of_guide > 1).any():
+        multi = present[n_genes_of_guide > 1]
         msg = (
             f"Each guide in .obs[{guide_key!r}] must belong to one gene in .obs[{gene_key!r}], "
-            f"but {multi.sum()} rows disagree, e.g. guides {bad}. Fix the guide annotation."
+            f"but {int(n_genes_of_guide[n_genes_of_guide > 1].sum())} rows disagree, e.g. guides "
+            f"{all_guides[multi[:5]].tolist()}. Fix the guide annotation."
         )
         raise ValueError(msg)
-    guide_names, guide_codes = np.unique(guide_of_cell, return_inverse=True)
-    guide_gene = pairs.set_index("guide").loc[guide_names, "gene"].to_numpy()
+    guide_names = all_guides[pair_guide]
+    guide_gene = all_genes[pair_gene]
     gene_names, gene_codes = np.unique(guide_gene, return_inverse=True)
+    guide_index = np.full(all_guides.size, -1, dtype=np.int64)
+    guide_index[pair_guide] = np.arange(pair_guide.size)
 
     guide_is_control = guide_gene == control_category
     if center and not guide_is_control.any():
@@ -148,9 +159,8 @@ def aggregate(
         )
         raise ValueError(msg)
 
-    codes_all = np.full(adata.n_obs, -1, dtype=np.int64)
-    codes_all[valid] = guide_codes
-    n_cells_guide = np.bincount(guide_codes, minlength=guide_names.size)
+    codes_all = np.where(valid, guide_index[guide_of_cell], -1)
+    n_cells_guide = np.bincount(codes_all[valid], minlength=guide_names.size)
     if level == "guide":
         names, is_control = guide_names, guide_is_control
         obs = pd.DataFrame(
@@ -176,7 +186,7 @@ def aggregate(
     results: dict[str, np.ndarray] = {}
     info: dict[str, dict] = {}
     for rep in reps:
-        x = get_rep(adata, rep)
+        x = get_rep(adata, rep, dtype=None)  # group_means sums in float64 block by block
         guide_means, _ = group_means(x, codes_all, guide_names.size)
         control_mean = (
             guide_means[guide_is_control].mean(axis=0) if guide_is_control.any() else None

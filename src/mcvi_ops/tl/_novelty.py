@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy.stats import false_discovery_control
 
-from ._utils import check_obs_key, get_rep, group_means
+from ._utils import check_obs_key, codes_of, get_rep, group_means
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _null_norms(
     out = np.empty((n_permutations, sizes.size))
     for r in range(n_permutations):
         take = rng.permutation(controls.shape[0])[:max_size]
-        prefix = np.cumsum(controls[take], axis=0)[sizes - 1]
+        prefix = np.cumsum(controls[take], axis=0, dtype=np.float64)[sizes - 1]
         out[r] = np.linalg.norm(prefix / sizes[:, None] - center, axis=1)
     return out
 
@@ -117,10 +117,11 @@ def phenotype_novelty(
     if n_permutations < 1:
         msg = f"`n_permutations` must be >= 1, got {n_permutations}."
         raise ValueError(msg)
-    salient = get_rep(adata, salient_rep)
-    background = get_rep(adata, background_rep)
-    pert = check_obs_key(adata, perturbation_key, what="perturbation").astype(str).to_numpy()
-    is_ctrl = pert == str(control_category)
+    # stored dtype: group means and null sums accumulate in float64 without a whole copy
+    salient = get_rep(adata, salient_rep, dtype=None)
+    background = get_rep(adata, background_rep, dtype=None)
+    pert, pert_names = codes_of(check_obs_key(adata, perturbation_key, what="perturbation"))
+    is_ctrl = np.isin(pert, np.flatnonzero(pert_names == str(control_category)))
     n_ctrl = int(is_ctrl.sum())
     if n_ctrl < 2:
         msg = (
@@ -128,9 +129,14 @@ def phenotype_novelty(
             f"{control_category!r}; need at least 2. Pass the right `control_category`."
         )
         raise ValueError(msg)
-    names, inverse = np.unique(pert[~is_ctrl], return_inverse=True)
-    codes = np.full(pert.size, -1, dtype=np.int64)
-    codes[~is_ctrl] = inverse
+    # perturbations with cells, in name order (missing labels are "nan", as in astype(str))
+    pert = np.where(pert >= 0, pert, pert_names.size)
+    pert_names = np.append(pert_names, "nan")
+    present = np.unique(pert[~is_ctrl])
+    names = pert_names[present]
+    index = np.full(pert_names.size, -1, dtype=np.int64)
+    index[present] = np.arange(present.size)
+    codes = np.where(is_ctrl, -1, index[pert])
     if names.size == 0:
         msg = "Every cell is a control; nothing to test."
         raise ValueError(msg)
@@ -140,10 +146,10 @@ def phenotype_novelty(
     counts = np.bincount(codes[codes >= 0], minlength=names.size)
     columns["n_cells"] = counts
     if guide_key is not None and guide_key in adata.obs:
-        guides = adata.obs[guide_key].astype(str).to_numpy()
-        columns["n_guides"] = (
-            pd.Series(guides[~is_ctrl]).groupby(pert[~is_ctrl]).nunique().reindex(names).to_numpy()
-        )
+        guides, guide_names = codes_of(adata.obs[guide_key])
+        guides = np.where(guides >= 0, guides, guide_names.size)  # missing: one "nan" guide
+        pairs = np.unique(codes[~is_ctrl] * (guide_names.size + 1) + guides[~is_ctrl])
+        columns["n_guides"] = np.bincount(pairs // (guide_names.size + 1), minlength=names.size)
     sizes, size_index = np.unique(counts, return_inverse=True)
     testable = sizes <= n_ctrl
     if not testable.all():
@@ -156,7 +162,7 @@ def phenotype_novelty(
     for name, x in (("salient", salient), ("background", background)):
         means, _ = group_means(x, codes, names.size)
         control = x[is_ctrl]
-        center = control.mean(axis=0)
+        center = control.mean(axis=0, dtype=np.float64)
         shift = np.linalg.norm(means - center, axis=1)
         sq[name] = shift**2
         columns[f"{name}_shift"] = shift

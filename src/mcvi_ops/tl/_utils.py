@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "check_finite",
     "check_obs_key",
+    "codes_of",
     "finite_rows",
     "gene_rows",
     "get_rep",
@@ -139,25 +140,47 @@ def check_finite(
     raise ValueError(msg)
 
 
+#: rows of a representation converted to float64 at a time by :func:`group_means`
+_BLOCK_ROWS = 262_144
+
+
 def group_means(x: np.ndarray, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean of the rows of ``x`` per integer group code (codes < 0 are ignored).
 
     A sparse indicator matrix times ``x``: one pass over the data, linear in the number of rows.
-    Groups without rows get NaN. Kept instead of :func:`scanpy.get.aggregate`, which does the same
-    product but needs an AnnData and a categorical and is 6-7x slower here
-    (``benchmarks/bench_aggregate.py``, 64 dims, 20,000 groups, best of 3 on a shared 2-core CPU,
-    2026-12-01: 0.04 s vs 0.27 s for 100,000 cells, 0.30 s vs 1.86 s for 1,000,000 cells; see
-    ``benchmarks/results/aggregate.md``). scanpy 1.11's ``mask=`` also divides masked sums by
-    unmasked counts (fixed in scverse/scanpy#4178), and we need codes < 0 ignored.
+    Sums accumulate in float64 a block of :data:`_BLOCK_ROWS` rows at a time, so a float32
+    embedding of millions of cells is never copied whole. Groups without rows get NaN. Kept
+    instead of :func:`scanpy.get.aggregate`, which does the same product but needs an AnnData and
+    a categorical and is 6-7x slower here (``benchmarks/bench_aggregate.py``, 64 dims, 20,000
+    groups, best of 3 on a shared 2-core CPU, 2026-12-01: 0.04 s vs 0.27 s for 100,000 cells,
+    0.30 s vs 1.86 s for 1,000,000 cells; see ``benchmarks/results/aggregate.md``). scanpy
+    1.11's ``mask=`` also divides masked sums by unmasked counts (fixed in scverse/scanpy#4178),
+    and we need codes < 0 ignored.
     """
-    keep = codes >= 0
-    rows = codes[keep]
-    cols = np.flatnonzero(keep)
-    indicator = sparse.csr_matrix(
-        (np.ones(rows.size, dtype=x.dtype), (rows, cols)), shape=(n_groups, x.shape[0])
-    )
-    counts = np.bincount(rows, minlength=n_groups)
-    sums = np.asarray(indicator @ x)
+    codes = np.asarray(codes)
+    counts = np.bincount(codes[codes >= 0], minlength=n_groups)
+    sums = np.zeros((n_groups, *x.shape[1:]))
+    for start in range(0, x.shape[0], _BLOCK_ROWS):
+        block = codes[start : start + _BLOCK_ROWS]
+        keep = block >= 0
+        indicator = sparse.csr_matrix(
+            (np.ones(int(keep.sum())), (block[keep], np.flatnonzero(keep))),
+            shape=(n_groups, block.size),
+        )
+        sums += indicator @ np.asarray(x[start : start + _BLOCK_ROWS], dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts[:, None]
     return means, counts
+
+
+def codes_of(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of each value's string form, and the sorted unique strings.
+
+    ``names[codes]`` equals ``values.astype(str)`` (code -1 for missing values), computed from
+    the unique values only: a categorical column of millions of cells is never turned into an
+    array of strings.
+    """
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    names, remap = np.unique(np.asarray(uniques, dtype=object).astype(str), return_inverse=True)
+    codes = np.where(codes >= 0, remap.reshape(-1)[codes], -1)
+    return codes, names
