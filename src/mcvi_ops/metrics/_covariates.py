@@ -15,7 +15,15 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mcvi_ops.pp._covariates import derive_covariates
-from mcvi_ops.tl._utils import check_finite, check_obs_key, get_rep, rep_label, rep_names
+from mcvi_ops.tl._utils import (
+    check_finite,
+    check_obs_key,
+    codes_of,
+    finite_rows,
+    get_rep,
+    rep_label,
+    rep_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,7 @@ def _chance_f1(y: np.ndarray) -> float:
 
 def _fit_score(
     x: np.ndarray,
+    rows: np.ndarray,
     y: np.ndarray,
     *,
     test_size: float,
@@ -39,9 +48,15 @@ def _fit_score(
     C: float,
     max_iter: int,
 ) -> dict | None:
+    """Scores of predicting the labels ``y`` of ``x[rows]`` (``max_cells`` of them at most).
+
+    The sample is drawn before any row of ``x`` is copied, so memory does not grow with the
+    number of cells.
+    """
     if max_cells is not None and y.size > max_cells:
         take = rng.choice(y.size, size=max_cells, replace=False)
-        x, y = x[take], y[take]
+        rows, y = rows[take], y[take]
+    x = np.asarray(x[rows], dtype=np.float32)
     classes, counts = np.unique(y, return_counts=True)
     rare = classes[counts < min_cells_per_class]
     if rare.size:
@@ -165,8 +180,8 @@ def technical_covariates(
         )
     mask = np.ones(adata.n_obs, dtype=bool)
     if controls_only:
-        perturbation = check_obs_key(adata, perturbation_key, what="perturbation")
-        mask = (perturbation.astype(str) == str(control_category)).to_numpy()
+        codes, names = codes_of(check_obs_key(adata, perturbation_key, what="perturbation"))
+        mask = np.isin(codes, np.flatnonzero(names == str(control_category)))
         if not mask.any():
             msg = (
                 f"No control cells with .obs[{perturbation_key!r}] == {control_category!r}. Pass "
@@ -182,25 +197,32 @@ def technical_covariates(
                 "predict. Drop it from `covariates` or check its derivation."
             )
             raise ValueError(msg)
+    # row positions and integer label codes: no per-cell copies of embeddings or strings
+    cells = np.flatnonzero(mask)
     if any(c in within_batch for c in covariates):
-        batches_all = check_obs_key(adata, batch_key, what="batch").to_numpy()[mask]
+        batch_codes, batch_names = codes_of(check_obs_key(adata, batch_key, what="batch"))
+        batches_all = batch_codes[cells]
 
     frames = []
     store = adata.uns.get(key_added)
     store = dict(store) if isinstance(store, Mapping) else {}
     for rep in rep_names(use_rep):
         label = rep_label(rep)
-        x_all = get_rep(adata, rep, dtype=np.float32)[mask]
-        check_finite(
-            x_all,
-            rep,
-            rows="control cells" if controls_only else "cells",
-            names=adata.obs_names[mask],
-        )
+        x_all = get_rep(adata, rep, dtype=None)
+        bad = cells[~finite_rows(adata, rep)[cells]]
+        if bad.size:
+            check_finite(
+                x_all[bad],
+                rep,
+                rows="control cells" if controls_only else "cells",
+                names=adata.obs_names[bad],
+                n_rows=cells.size,
+            )
         rng = np.random.default_rng(seed)
         rows, per_batch = [], []
         for c in covariates:
-            y_all = adata.obs[c].to_numpy()[mask]
+            y_codes, y_names = codes_of(adata.obs[c])
+            y_all = y_codes[cells]
             fit_kwargs = {
                 "test_size": test_size,
                 "min_cells_per_class": min_cells_per_class,
@@ -209,15 +231,15 @@ def technical_covariates(
                 "C": C,
                 "max_iter": max_iter,
             }
-            valid = pd.notna(y_all)
+            valid = (y_all >= 0) & (batches_all >= 0 if c in within_batch else True)
             if c in within_batch:
                 scores = []
                 for b in pd.unique(batches_all[valid]):
                     sel = valid & (batches_all == b)
-                    res = _fit_score(x_all[sel], y_all[sel].astype(str), **fit_kwargs)
+                    res = _fit_score(x_all, cells[sel], y_names[y_all[sel]], **fit_kwargs)
                     if res is not None:
                         scores.append(res)
-                        per_batch.append({"covariate": c, "batch": str(b), **res})
+                        per_batch.append({"covariate": c, "batch": batch_names[b], **res})
                 if not scores:
                     logger.warning(
                         "%s: no batch has >= 2 classes of %r with >= %d cells; reporting NaN.",
@@ -244,7 +266,7 @@ def technical_covariates(
                     }
                 )
             else:
-                res = _fit_score(x_all[valid], y_all[valid].astype(str), **fit_kwargs)
+                res = _fit_score(x_all, cells[valid], y_names[y_all[valid]], **fit_kwargs)
                 if res is None:
                     msg = (
                         f"Covariate {c!r} has fewer than 2 classes with >= "

@@ -123,9 +123,18 @@ def finite_rows(adata: AnnData, use_rep: str | None) -> np.ndarray:
 
 
 def check_finite(
-    x: np.ndarray, use_rep: str | None, *, rows: str = "cells", names: Sequence | None = None
+    x: np.ndarray,
+    use_rep: str | None,
+    *,
+    rows: str = "cells",
+    names: Sequence | None = None,
+    n_rows: int | None = None,
 ) -> None:
-    """Raise a ValueError naming the representation and how many rows hold NaN or infinity."""
+    """Raise a ValueError naming the representation and how many rows hold NaN or infinity.
+
+    ``n_rows`` is the number of rows checked when ``x`` holds only some of them (by default
+    ``len(x)``).
+    """
     bad = ~np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
     if not bad.any():
         return
@@ -134,7 +143,7 @@ def check_finite(
     example = f" (e.g. {list(np.asarray(names)[bad][:5])})" if names is not None else ""
     msg = (
         f"Representation {label!r} has NaN or infinite values in {int(bad.sum())} of its "
-        f"{x.shape[0]} {rows}{example}. Drop those {rows} first, e.g. "
+        f"{x.shape[0] if n_rows is None else n_rows} {rows}{example}. Drop those {rows} first, e.g. "
         f"`adata = adata[np.isfinite({array}).all(axis=1)].copy()`, or recompute the embedding."
     )
     raise ValueError(msg)
