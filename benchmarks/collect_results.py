@@ -12,6 +12,7 @@ ORDER = [
     "loader",
     "cellprofiler",
     "crop",
+    "memory",
     "aggregate",
     "metrics",
     "package",
