@@ -203,6 +203,7 @@ def technical_covariates(
         batch_codes, batch_names = codes_of(check_obs_key(adata, batch_key, what="batch"))
         batches_all = batch_codes[cells]
 
+    labels = {c: codes_of(adata.obs[c]) for c in covariates}
     frames = []
     store = adata.uns.get(key_added)
     store = dict(store) if isinstance(store, Mapping) else {}
@@ -221,7 +222,7 @@ def technical_covariates(
         rng = np.random.default_rng(seed)
         rows, per_batch = [], []
         for c in covariates:
-            y_codes, y_names = codes_of(adata.obs[c])
+            y_codes, y_names = labels[c]
             y_all = y_codes[cells]
             fit_kwargs = {
                 "test_size": test_size,

@@ -355,13 +355,15 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         Images of shape (n_cells, n_channels, height, width).
         """
         self.module.eval()
-        images = [
-            self._to_images(self.module.reconstruct(tensors), inverse_transform)
-            for tensors in self._iterate(
-                adata, indices, batch_size, progress_bar=progress_bar, description="Reconstructing"
-            )
-        ]
-        return np.concatenate(images)
+
+        def images(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = self.module.reconstruct(tensors)
+            return self.module.transform.inverse(out) if inverse_transform else out
+
+        loader = self._iterate(
+            adata, indices, batch_size, progress_bar=progress_bar, description="Reconstructing"
+        )
+        return self._stack_rows(loader, images)
 
     # --- inference helpers ----------------------------------------------------------------
     def _iterate(
