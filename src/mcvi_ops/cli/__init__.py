@@ -78,6 +78,8 @@ def build_parser() -> Parser:
 def _message(err: BaseException) -> str:
     if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
         text = err.args[0]  # str(KeyError) would add quotes
+    elif isinstance(err, OSError) and err.strerror:
+        text = err.strerror  # without the "[Errno 28]" prefix
     else:
         text = str(err) or type(err).__name__
     if isinstance(err, OSError) and err.filename and str(err.filename) not in text:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from . import _run
 from ._common import add_command, check_obs_column, read_adata
 
 logger = logging.getLogger(__name__)
@@ -17,6 +19,8 @@ SCREEN_NAME = "screen.h5ad"
 HISTORY_NAME = "history.csv"
 CHECKPOINT_DIR = "checkpoints"
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+#: exit status of a run stopped by Ctrl-C (as shells report SIGINT)
+INTERRUPTED_STATUS = 130
 
 _TRAIN_DESCRIPTION = """\
 Train the Multi-Contrastive VAE on your own screen: CELLS is an AnnData (.h5ad) whose rows are
@@ -34,8 +38,16 @@ Next: 'mcvi-ops evaluate OUT/screen.h5ad --relationships ... --out ...'.
 _EMBED_DESCRIPTION = """\
 Embed cells with a trained model: MODEL is the model folder of 'mcvi-ops train' (OUT/model) and
 CELLS an AnnData linked to crops of the same channels and crop size. Writes OUT, a copy of CELLS
-with .obsm X_mcvae_salient, X_mcvae_background and X_mcvae. Cells may carry perturbations the
-model never saw, or none at all: the encoders do not use the label.
+with .obsm X_mcvae_salient, X_mcvae_background and X_mcvae.
+
+Embedded as they are (the encoders read neither the perturbation nor the batch):
+  cells with perturbations or batches the model never saw, cells without a label (no column,
+  or missing values such as brieflow cells without a barcode), integer labels, a read-back
+  copy of the training cells, and zero cells (an empty result).
+Refused with the fix named:
+  crops of other channels, crop size, pixel type or intensity scale than the training crops,
+  crops with NaN/inf pixels, and (for models set up with intensity factors in Python) cells
+  without their own finite, positive .obsm intensity factors.
 """
 
 
@@ -48,6 +60,25 @@ def _positive_int(text: str) -> int:
         msg = f"expected a positive whole number, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _devices(text: str) -> int | list[int] | str:
+    """``auto``, a number of devices, or a comma-separated list of device indices."""
+    if text == "auto":
+        return text
+    try:
+        if "," in text:
+            indices = [int(part) for part in text.split(",") if part.strip()]
+            if indices and min(indices) >= 0:
+                return indices
+        elif int(text) >= 1:
+            return int(text)
+    except ValueError:
+        pass
+    msg = (
+        f"expected 'auto', a number of devices (e.g. 2) or device indices (e.g. 0,1), got {text!r}"
+    )
+    raise argparse.ArgumentTypeError(msg)
 
 
 def _even_int(text: str) -> int:
@@ -93,7 +124,12 @@ def add_train_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--accelerator", choices=ACCELERATORS, default="auto", help="device to train on (auto)"
     )
-    parser.add_argument("--devices", default="auto", help="number of devices, or 'auto'")
+    parser.add_argument(
+        "--devices",
+        type=_devices,
+        default="auto",
+        help="number of devices (2), device indices (0,1), or 'auto'",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier model and outputs in OUT"
@@ -153,36 +189,117 @@ def _check_perturbations(adata, key: str, control: str, path: Path) -> tuple[int
     return int(is_control.sum()), int((~is_control).sum())
 
 
-def _checkpoint(folder: Path) -> Path:
+def _checkpoint(folder: Path) -> Path | None:
     """The checkpoint to resume from: the newer of ``interrupted.ckpt`` and ``last.ckpt``."""
-    found = [p for p in (folder / "interrupted.ckpt", folder / "last.ckpt") if p.is_file()]
-    if not found:
+    found = _run.checkpoints(folder)
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _check_batches(adata, key: str, path: Path) -> None:
+    missing = adata.obs[key].isna().to_numpy()
+    if missing.any():
+        rows = [str(r) for r in adata.obs_names[missing][:3]]
         msg = (
-            f"No checkpoint to resume from in {str(folder)!r} (last.ckpt or interrupted.ckpt). "
-            "Run without --resume to start training."
+            f"{int(missing.sum())} cells of {str(path)!r} have no value in obs[{key!r}] "
+            f"(--batch-key), e.g. {rows}. Fill them in or drop those cells, or train without "
+            "--batch-key."
         )
-        raise FileNotFoundError(msg)
-    return max(found, key=lambda p: p.stat().st_mtime)
+        raise ValueError(msg)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Train MCVAE and write the model, the embedded cells and the losses."""
+def _prepare_out(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
+    """Check ``--out`` before any work; returns the checkpoint to resume and the run record."""
+    from mcvi_ops.data._files import check_writable_folder
+
     out: Path = args.out
-    model_dir = out / MODEL_DIR
-    resume = _checkpoint(out / CHECKPOINT_DIR) if args.resume else None
-    if not (args.overwrite or args.resume) and (model_dir.exists() or (out / SCREEN_NAME).exists()):
+    if args.resume and args.overwrite:
+        msg = "Pass either --resume (continue the run in --out) or --overwrite (start again)."
+        raise ValueError(msg)
+    fix = "Pass --out naming a folder you can write to."
+    check_writable_folder(out, what="--out", fix=fix)
+    check_writable_folder(out / CHECKPOINT_DIR, what="The checkpoint folder", fix=fix)
+    record = _run.read_record(out)
+    outputs = (out / MODEL_DIR).exists() or (out / SCREEN_NAME).exists()
+    resume = _checkpoint(out / CHECKPOINT_DIR)
+    if args.resume:
+        finished = record is not None and record.get("status") == "finished" and outputs
+        if resume is None and not finished:
+            msg = (
+                f"No checkpoint to resume from in {str(out / CHECKPOINT_DIR)!r} (last.ckpt or "
+                "interrupted.ckpt). Run without --resume to start training (with --overwrite "
+                "to replace what the folder holds)."
+            )
+            raise FileNotFoundError(msg)
+        return resume, record
+    if args.overwrite:
+        _run.clear_checkpoints(out / CHECKPOINT_DIR)
+        return None, None
+    if outputs:
         msg = (
             f"{str(out)!r} already holds a model or {SCREEN_NAME}. Pass --overwrite to replace "
             "them, or --resume to continue that run."
         )
         raise FileExistsError(msg)
+    if resume is not None:
+        msg = (
+            f"{str(out)!r} holds the checkpoints of an unfinished run ({resume.name}). Pass "
+            "--resume to continue it, or --overwrite to start again."
+        )
+        raise FileExistsError(msg)
+    return None, record
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train MCVAE and write the model, the embedded cells and the losses."""
+    from mcvi_ops.data._files import check_writable_folder
+
+    check_writable_folder(
+        args.out, what="--out", fix="Pass --out naming a folder you can write to."
+    )
+    lock = _run.output_lock(args.out, folder=True)
+    try:
+        return _train(args)
+    finally:
+        lock.release()
+
+
+def _train(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    model_dir = out / MODEL_DIR
+    resume, record = _prepare_out(args)
     adata = read_adata(args.cells)
     check_obs_column(adata, args.perturbation_key, "--perturbation-key", args.cells)
+    columns = [args.perturbation_key]
     if args.batch_key is not None:
         check_obs_column(adata, args.batch_key, "--batch-key", args.cells)
+        _check_batches(adata, args.batch_key, args.cells)
+        columns.append(args.batch_key)
     n_control, n_perturbed = _check_perturbations(
         adata, args.perturbation_key, args.control_category, args.cells
     )
+    options = {
+        "perturbation_key": args.perturbation_key,
+        "control_category": args.control_category,
+        "batch_key": args.batch_key,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
+    fingerprint = _run.screen_fingerprint(adata, columns)
+    from mcvi_ops.model._train import default_max_epochs
+
+    max_epochs = args.max_epochs or default_max_epochs(adata.n_obs)
+    if args.resume:
+        _run.check_resumable(record, fingerprint, options, out)
+        done = int((record or {}).get("epochs", 0))
+        if (record or {}).get("status") == "finished" and (
+            resume is None or max_epochs <= done or record.get("early_stopped")
+        ):
+            print(
+                f"The run in {out} finished ({done} epochs): its model is {model_dir} and the "
+                f"embedded cells {out / SCREEN_NAME}. To train longer, pass --max-epochs above "
+                f"{done} with --resume; to start again, --overwrite."
+            )
+            return 0
     print(
         f"Training on {adata.n_obs:,} cells ({n_control:,} controls, {n_perturbed:,} perturbed, "
         f"{adata.obs[args.perturbation_key].nunique() - 1} perturbations)."
@@ -192,6 +309,7 @@ def run_train(args: argparse.Namespace) -> int:
     import scvi
 
     from mcvi_ops import MCVAE
+    from mcvi_ops.train._callbacks import CheckpointWriteError
 
     scvi.settings.seed = args.seed
     MCVAE.setup_anndata(
@@ -201,38 +319,90 @@ def run_train(args: argparse.Namespace) -> int:
         batch_key=args.batch_key,
     )
     model = MCVAE(adata)
+    base = {"cells": str(args.cells), "n_cells": adata.n_obs, "screen": fingerprint}
+    _run.write_record(out, {**base, "options": options, "status": "running"})
     start = time.perf_counter()
-    model.train(
-        max_epochs=args.max_epochs,
-        batch_size=args.batch_size,
-        accelerator=args.accelerator,
-        devices=args.devices if args.devices == "auto" else int(args.devices),
-        enable_progress_bar=not args.quiet,
-        checkpoint_dir=out / CHECKPOINT_DIR,
-        ckpt_path=resume,
-    )
+    try:
+        model.train(
+            max_epochs=max_epochs,
+            batch_size=args.batch_size,
+            accelerator=args.accelerator,
+            devices=args.devices,
+            enable_progress_bar=not args.quiet,
+            checkpoint_dir=out / CHECKPOINT_DIR,
+            ckpt_path=resume,
+        )
+    except CheckpointWriteError as err:
+        msg = (
+            f"Could not write the checkpoint {str(err.checkpoint)!r}: {err.reason}; {err.kept}. "
+            "Free disk space (or raise the file-size limit), then rerun with --resume to continue "
+            "from the last checkpoint."
+        )
+        raise OSError(err.errno, msg) from err
+    except RuntimeError as err:
+        if resume is None or "size mismatch" not in str(err):
+            raise
+        msg = (
+            f"The checkpoint {str(resume)!r} belongs to a run on another screen or with other "
+            "options (its weights have other shapes). Pass --overwrite to start a new run in "
+            f"{str(out)!r}, or another --out."
+        )
+        raise ValueError(msg) from err
     seconds = time.perf_counter() - start
-    history = pd.concat(list(model.history.values()), axis=1).rename_axis("epoch")
+    # per-epoch logs only (a model may keep other tables in its history)
+    per_epoch = [v for v in model.history.values() if pd.api.types.is_integer_dtype(v.index)]
+    history = pd.concat(per_epoch, axis=1).rename_axis("epoch")
     epochs = len(history)
-    line = f"Trained MCVAE for {epochs} epochs in {seconds:.0f} s"
     if resume is not None and (out / HISTORY_NAME).is_file() and epochs:
         # a resumed run's history starts at the checkpoint; keep the epochs before it
         before = pd.read_csv(out / HISTORY_NAME, index_col="epoch")
         history = pd.concat([before[before.index < history.index.min()], history])
+    if getattr(model, "_stopped_by_interrupt", False):
+        _run.write_record(
+            out, {**base, "options": options, "status": "interrupted", "epochs": len(history)}
+        )
+        print(
+            f"Training was stopped by Ctrl-C after {len(history)} epochs: nothing was written to "
+            f"{model_dir} or {out / SCREEN_NAME}. Rerun with --resume to continue from the "
+            f"checkpoint in {out / CHECKPOINT_DIR}.",
+            file=sys.stderr,
+        )
+        return INTERRUPTED_STATUS
+    line = f"Trained MCVAE for {epochs} epochs in {seconds:.0f} s"
+    if resume is not None and epochs and len(history) > epochs:
         line = f"Trained MCVAE for {epochs} more epochs ({len(history)} in all) in {seconds:.0f} s"
     if "validation_loss" in history:
         valid = history["validation_loss"].dropna()
-        line += f"; validation loss {float(valid.iloc[0]):,.0f} -> {float(valid.iloc[-1]):,.0f}"
+        if len(valid):
+            line += f"; validation loss {float(valid.iloc[0]):,.0f} -> {float(valid.iloc[-1]):,.0f}"
     print(line + ".")
     batch_size = max(args.batch_size, 256)
     model.get_latent_representation(adata, kind="both", batch_size=batch_size, add_to_obsm=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save(str(model_dir), overwrite=True, save_anndata=False)
-    history.to_csv(out / HISTORY_NAME)
-    adata.write_h5ad(out / SCREEN_NAME)
+    _write_outputs(model, adata, history, out)
+    _run.write_record(
+        out,
+        {
+            **base,
+            "options": options,
+            "status": "finished",
+            "epochs": len(history),
+            "early_stopped": len(history) < max_epochs,
+        },
+    )
     print(f"Wrote the model to {model_dir} and the losses to {out / HISTORY_NAME}.")
     print(f"Embeddings (X_mcvae_salient, X_mcvae_background, X_mcvae): {out / SCREEN_NAME}")
     return 0
+
+
+def _write_outputs(model, adata, history, out: Path) -> None:
+    """The model, the losses and the embedded cells, each replacing the earlier one atomically."""
+    from mcvi_ops.data._files import atomic_path
+    from mcvi_ops.data._link import write_h5ad
+
+    model.save(str(out / MODEL_DIR), overwrite=True, save_anndata=False)
+    with atomic_path(out / HISTORY_NAME) as tmp:
+        history.to_csv(tmp)
+    write_h5ad(adata, out / SCREEN_NAME)
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -243,31 +413,41 @@ def run_embed(args: argparse.Namespace) -> int:
             "written by 'mcvi-ops train' (OUT/model)."
         )
         raise FileNotFoundError(msg)
-    if args.out.exists() and not args.overwrite:
-        msg = f"{str(args.out)!r} already exists. Pass --overwrite to replace it, or another --out."
-        raise FileExistsError(msg)
     if args.out.suffix != ".h5ad":
         msg = f"--out must be an .h5ad file name, got {str(args.out)!r}."
         raise ValueError(msg)
+    if args.out.is_dir():
+        msg = f"--out {str(args.out)!r} is a folder; pass an .h5ad file name."
+        raise IsADirectoryError(msg)
+    if args.out.exists() and not args.overwrite:
+        msg = f"{str(args.out)!r} already exists. Pass --overwrite to replace it, or another --out."
+        raise FileExistsError(msg)
+    from mcvi_ops.data._files import check_writable_folder
+
+    check_writable_folder(
+        args.out.parent, what="The folder of --out", fix="Pass --out in a folder you can write to."
+    )
+    lock = _run.output_lock(args.out, folder=False)
+    try:
+        return _embed(args)
+    finally:
+        lock.release()
+
+
+def _embed(args: argparse.Namespace) -> int:
     adata = read_adata(args.cells)
 
     from mcvi_ops import MCVAE
+    from mcvi_ops.data._link import write_h5ad
 
-    setup_args = MCVAE.load_registry(str(args.model))["setup_args"]
-    key, control = setup_args["perturbation_key"], setup_args["control_category"]
-    added = key not in adata.obs
-    if added:
-        logger.info("obs has no %r column; embedding every cell as %r.", key, control)
-        adata.obs[key] = control
     start = time.perf_counter()
     model = MCVAE.load(str(args.model), adata=adata, accelerator=args.accelerator)
     model.get_latent_representation(
         adata, kind="both", batch_size=args.batch_size, add_to_obsm=True
     )
     seconds = time.perf_counter() - start
-    if added:
-        del adata.obs[key]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(args.out)
+    for column in [c for c in adata.obs if c.startswith("_scvi_")]:
+        del adata.obs[column]  # codes of the registration, not the user's data
+    write_h5ad(adata, args.out)
     print(f"Embedded {adata.n_obs:,} cells in {seconds:.1f} s; wrote {args.out}.")
     return 0

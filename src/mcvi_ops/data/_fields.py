@@ -6,12 +6,26 @@ import logging
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import rich
 from anndata import AnnData
-from scvi.data.fields import BaseAnnDataField, CategoricalObsField
+from scvi.data.fields import BaseAnnDataField
 
+from ._label_fields import (
+    UNKNOWN_CODE,
+    BatchField,
+    IntensityFactorField,
+    PerturbationField,
+)
 from ._link import DEFAULT_INDEX_KEY, UNS_KEY, _check_indices, crop_reference, linked_store
+
+__all__ = [
+    "UNKNOWN_CODE",
+    "BatchField",
+    "ImageField",
+    "IntensityFactorField",
+    "IntensityOption",
+    "PerturbationField",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -323,96 +337,3 @@ class ImageField(BaseAnnDataField):
     def get_field_data(self, adata: AnnData) -> np.ndarray:
         """The integer crop index of every row."""
         return adata.obs[self._index_key].to_numpy()
-
-
-class PerturbationField(CategoricalObsField):
-    """Register a perturbation categorical whose control category always has code 0.
-
-    Parameters
-    ----------
-    registry_key
-        Key under which models find the perturbation codes.
-    attr_key
-        Column of ``adata.obs`` naming each cell's perturbation (e.g. ``"gene_symbol"``).
-    control_category
-        The category of control cells (e.g. ``"nontargeting"``).
-    """
-
-    CONTROL_CATEGORY_KEY = "control_category"
-
-    def __init__(self, registry_key: str, attr_key: str, *, control_category: str) -> None:
-        super().__init__(registry_key, attr_key)
-        self.control_category = control_category
-
-    def validate_field(self, adata: AnnData) -> None:
-        """Check the column exists and holds the control category."""
-        key = self._original_attr_key
-        if key not in adata.obs:
-            msg = (
-                f"Perturbation column {key!r} not found in adata.obs (columns: "
-                f"{list(adata.obs.columns)}). Pass `perturbation_key=` naming the column of "
-                "perturbations (e.g. 'gene_symbol' or 'sgRNA')."
-            )
-            raise KeyError(msg)
-
-    def _ordered_categories(self, adata: AnnData) -> list:
-        column = adata.obs[self._original_attr_key]
-        if column.isna().any():
-            msg = (
-                f"adata.obs[{self._original_attr_key!r}] has {int(column.isna().sum())} missing "
-                "values; every cell needs a perturbation (controls included). Drop those cells or "
-                "fill them in."
-            )
-            raise ValueError(msg)
-        counts = column.astype("category").value_counts()
-        if self.control_category not in counts.index or counts[self.control_category] == 0:
-            examples = [str(c) for c in counts.index[:5]]
-            msg = (
-                f"Control category {self.control_category!r} has no cells in "
-                f"adata.obs[{self._original_attr_key!r}] (categories include {examples}). Pass "
-                "`control_category=` naming the control perturbation (e.g. 'nontargeting')."
-            )
-            raise ValueError(msg)
-        empty = counts.index[counts == 0].tolist()
-        if empty:
-            msg = (
-                f"Perturbations {empty[:5]} of adata.obs[{self._original_attr_key!r}] have no "
-                f"cells. Remove unused categories first: `adata.obs[{self._original_attr_key!r}] = "
-                f"adata.obs[{self._original_attr_key!r}].cat.remove_unused_categories()`."
-            )
-            raise ValueError(msg)
-        if len(counts) < 2:
-            msg = (
-                f"adata.obs[{self._original_attr_key!r}] holds only the control category; at "
-                "least one perturbation with cells is needed."
-            )
-            raise ValueError(msg)
-        others = sorted((c for c in counts.index if c != self.control_category), key=str)
-        return [self.control_category, *others]
-
-    def register_field(self, adata: AnnData) -> dict:
-        """Encode perturbations with the control category first (code 0)."""
-        self.validate_field(adata)
-        categories = self._ordered_categories(adata)
-        # build the codes from plain values: pandas treats unordered categoricals with the same
-        # categories in another order as equal, so `astype` alone would keep the old order
-        values = np.asarray(adata.obs[self._original_attr_key].astype(object))
-        codes = pd.Categorical(values, categories=categories).codes
-        adata.obs[self.attr_key] = codes.astype(np.int64)
-        mapping = np.asarray(categories, dtype=object)
-        return {
-            self.CATEGORICAL_MAPPING_KEY: mapping,
-            self.ORIGINAL_ATTR_KEY: self._original_attr_key,
-            self.CONTROL_CATEGORY_KEY: self.control_category,
-        }
-
-    def transfer_field(
-        self, state_registry: dict, adata_target: AnnData, extend_categories: bool = False, **kwargs
-    ) -> dict:
-        """Encode query perturbations with the reference codes (control stays 0)."""
-        self.validate_field(adata_target)
-        state = super().transfer_field(
-            state_registry, adata_target, extend_categories=extend_categories, **kwargs
-        )
-        state[self.CONTROL_CATEGORY_KEY] = self.control_category
-        return state

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 class StoreLockedError(FileExistsError):
-    """Another process is writing the crop store."""
+    """Another process is writing the crop store (or the output folder)."""
 
 
 _HELD: dict[str, tuple[int, int]] = {}  # lock file -> (pid, how many holders in that process)
@@ -41,10 +41,23 @@ class StoreLock:
 
     Held locks are re-entrant within one process; a lock whose process is gone (same host,
     pid no longer running) is stale and broken. Stores that are not local paths are not locked.
+
+    Parameters
+    ----------
+    url
+        The store (or output) being written; the lock file is ``url + ".lock"``.
+    what
+        What is being written, for the error (``"crop store"``, ``"output folder"``).
+    path
+        The lock file, when it is not ``url + ".lock"`` (e.g. a file inside an output folder).
     """
 
-    def __init__(self, url: str) -> None:
-        self.path = None if "://" in url else Path(url + ".lock")
+    def __init__(self, url: str, *, what: str = "crop store", path: str | None = None) -> None:
+        if path is not None:
+            self.path: Path | None = Path(path)
+        else:
+            self.path = None if "://" in url else Path(url + ".lock")
+        self.url, self.what = url, what
         self._held = False
 
     def acquire(self) -> StoreLock:
@@ -73,7 +86,7 @@ class StoreLock:
             self._held = True
             return self
         msg = (
-            f"The crop store {str(self.path)[: -len('.lock')]} is being written by process "
+            f"The {self.what} {self.url} is being written by process "
             f"{owner.get('pid', '?')} on host {owner.get('host', '?')!r} (lock file {self.path}). "
             "Wait for it to finish, or write elsewhere. If that process is gone, delete the lock "
             "file."

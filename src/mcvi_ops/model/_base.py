@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import logging
 import os
@@ -17,54 +16,32 @@ from anndata import AnnData, read_h5ad
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data._constants import _MODEL_NAME_KEY, _SETUP_ARGS_KEY
-from scvi.data.fields import CategoricalObsField, ObsmField
 from scvi.model._utils import parse_device_args
 from scvi.model.base import BaseModelClass, VAEMixin
 from scvi.model.base._constants import SAVE_KEYS
-from scvi.model.base._save_load import _initialize_model
 from scvi.utils import setup_anndata_dsp
 
 from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, INTENSITY_FACTOR_KEY, PERTURBATION_KEY
-from mcvi_ops.data._fields import ImageField, IntensityOption, PerturbationField
+from mcvi_ops.data._fields import (
+    UNKNOWN_CODE,
+    BatchField,
+    ImageField,
+    IntensityFactorField,
+    IntensityOption,
+    PerturbationField,
+)
 from mcvi_ops.data._link import UNS_KEY, StoreChangedError, crop_reference, linked_store
 from mcvi_ops.pp._intensity import apply_intensity_factors
 from mcvi_ops.train._callbacks import NonFiniteCropsError, describe_cells, nonfinite_crops_message
 
 from . import _save_load
-from ._inference import InferenceLoader
+from ._inference import InferenceLoader, NoCellsLoader
 from ._train import ImageTrainingMixin
 
 logger = logging.getLogger(__name__)
 
 
-#: set while `load` builds a model: the input transform's statistics come from the saved file
-def _check_intensity_factors(adata: AnnData, key: str) -> None:
-    """The factors must be positive, finite, one row per cell and come with their dark level."""
-    hint = "Run `mcvi_ops.pp.estimate_intensity_factors(adata, key_added=...)` first."
-    if key not in adata.obsm:
-        msg = f"Did not find .obsm[{key!r}] (keys: {list(adata.obsm.keys())}). {hint}"
-        raise KeyError(msg)
-    factors = np.asarray(adata.obsm[key], dtype=np.float64)
-    if factors.ndim != 2 or not (np.isfinite(factors).all() and (factors > 0).all()):
-        msg = (
-            f".obsm[{key!r}] must hold positive, finite factors of shape (n_cells, n_channels); "
-            f"got shape {factors.shape} with {int((~np.isfinite(factors)).sum())} non-finite and "
-            f"{int((factors <= 0).sum())} non-positive values. {hint}"
-        )
-        raise ValueError(msg)
-    info = adata.uns.get(key)
-    if not isinstance(info, dict) or "dark_level" not in info:
-        msg = f"Did not find the dark level in .uns[{key!r}]['dark_level']. {hint}"
-        raise KeyError(msg)
-    if len(info["dark_level"]) != factors.shape[1]:
-        msg = (
-            f".uns[{key!r}]['dark_level'] has {len(info['dark_level'])} channels but the factors "
-            f"have {factors.shape[1]}. {hint}"
-        )
-        raise ValueError(msg)
-
-
-_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("mcvi_ops_loading", default=False)
+_LOADING = _save_load.LOADING
 
 
 class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
@@ -132,16 +109,9 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
             ),
         ]
         if batch_key is not None:
-            if batch_key not in adata.obs:
-                msg = (
-                    f"Batch column {batch_key!r} not found in adata.obs. Pass an existing column "
-                    "(e.g. one combining plate and well) or `batch_key=None`."
-                )
-                raise KeyError(msg)
-            fields.append(CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key))
+            fields.append(BatchField(REGISTRY_KEYS.BATCH_KEY, batch_key))
         if intensity_factor_key is not None:
-            _check_intensity_factors(adata, intensity_factor_key)
-            fields.append(ObsmField(INTENSITY_FACTOR_KEY, intensity_factor_key))
+            fields.append(IntensityFactorField(INTENSITY_FACTOR_KEY, intensity_factor_key))
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
@@ -360,6 +330,7 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
             out = self.module.reconstruct(tensors)
             return self.module.transform.inverse(out) if inverse_transform else out
 
+        self._check_known_batches(adata, indices)
         loader = self._iterate(
             adata, indices, batch_size, progress_bar=progress_bar, description="Reconstructing"
         )
@@ -378,8 +349,37 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         """The checked minibatches of ``adata`` (its rows ``indices``) in row order."""
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
+        n_rows = adata.n_obs if indices is None else len(np.asarray(indices).reshape(-1))
+        if n_rows == 0:
+            # scvi-tools finds no manager for an AnnData without rows (it is falsy); the
+            # training manager gives a minibatch of the same layout
+            return NoCellsLoader(self.adata_manager)
         with self._progress(progress_bar, description):
             return self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+
+    def _check_known_batches(self, adata: AnnData | None, indices: Sequence[int] | None) -> None:
+        """Refuse to decode cells without a batch the model knows: the decoder reads it."""
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata)
+        if manager is None or REGISTRY_KEYS.BATCH_KEY not in manager.data_registry:
+            return
+        codes = np.asarray(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).reshape(-1)
+        if indices is not None:
+            codes = codes[np.asarray(indices, dtype=np.int64).reshape(-1)]
+        unknown = int((codes == UNKNOWN_CODE).sum())
+        if unknown:
+            key = self.adata_manager.registry["setup_args"]["batch_key"]
+            batches = list(
+                self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+            )
+            msg = (
+                f"{unknown} cells have no batch the model knows in adata.obs[{key!r}] (missing, "
+                f"or not one of the training batches {[str(b) for b in batches[:5]]}...): the "
+                f"decoder needs the batch to reconstruct them. Set adata.obs[{key!r}] to one of "
+                "the training batches for these cells; embedding them "
+                "(`get_latent_representation`) needs no batch."
+            )
+            raise ValueError(msg)
 
     @staticmethod
     def _stack_rows(
@@ -448,6 +448,12 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         **kwargs
             More arguments of :meth:`scvi.model.base.BaseModelClass.save`.
 
+        Notes
+        -----
+        The files are written under temporary names and renamed into place once complete, so a
+        save that fails part way (disk full, Ctrl-C) leaves the model saved there before
+        loadable.
+
         Examples
         --------
         >>> model.save("model/", overwrite=True)  # doctest: +SKIP
@@ -455,14 +461,14 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         """
         prefix = _save_load.check_prefix(prefix, dir_path) or None
         registry, self.registry_ = self.registry_, _save_load.plain_containers(self.registry_)
-        try:
-            super().save(
-                str(dir_path),
-                prefix=prefix,
-                overwrite=overwrite,
-                save_anndata=save_anndata,
-                **kwargs,
+
+        def write(folder: str) -> None:
+            super(BaseImageModel, self).save(
+                folder, prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs
             )
+
+        try:
+            _save_load.save_atomically(dir_path, write, overwrite=overwrite)
         finally:
             self.registry_ = registry
 
@@ -515,7 +521,10 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         attr_dict, _, state_dict = _save_load.load_saved_files(
             dir_path, prefix=prefix, map_location=torch_device, weights_only=weights_only
         )
-        registry = attr_dict.pop("registry_")
+        path = Path(dir_path) / f"{prefix or ''}{SAVE_KEYS.MODEL_FNAME}"
+        registry = _save_load.check_registry(
+            attr_dict.pop("registry_", None), path, image_key=IMAGE_KEY
+        )
         saved_class = registry.get(_MODEL_NAME_KEY)
         if saved_class is not None and saved_class != cls.__name__:
             msg = (
@@ -526,13 +535,10 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         adata = cls._adata_to_load(dir_path, adata, prefix)
         cls.setup_anndata(adata, source_registry=registry, **registry[_SETUP_ARGS_KEY])
         cls._warn_if_other_store(adata, registry)
-        token = _LOADING.set(True)
-        try:
-            model = _initialize_model(cls, adata, registry, attr_dict, None)
-        finally:
-            _LOADING.reset(token)
+        model = _save_load.initialize(cls, adata, registry, attr_dict, path)
         pyro_param_store = state_dict.pop("pyro_param_store", None)
         model.module.on_load(model, pyro_param_store=pyro_param_store)
+        state_dict = _save_load.match_state_dict(model, state_dict, registry, adata, path)
         model.module.load_state_dict(state_dict)
         model.to_device(torch_device)
         model.module.eval()

@@ -82,3 +82,23 @@ class InferenceLoader(CropDataLoader):
                 yield batch
         finally:
             bar.close()
+
+
+class NoCellsLoader:
+    """Stands in for an :class:`InferenceLoader` over zero cells: one empty minibatch.
+
+    Outputs of zero cells are then arrays with zero rows and the right number of columns (the
+    networks run on the empty minibatch), rather than an error from an empty sampler.
+    """
+
+    def __init__(self, adata_manager: AnnDataManager) -> None:
+        self.indices = np.zeros(0, dtype=np.int64)
+        self._manager = adata_manager
+
+    def __len__(self) -> int:
+        return 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from mcvi_ops.dataloaders import CropDataset
+
+        yield CropDataset(self._manager, cache_chunks=0)[self.indices]

@@ -8,13 +8,24 @@ and the pandas frames of the training history); anything else is refused before 
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 import pickle
+import shutil
+import uuid
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from scvi.model.base._constants import SAVE_KEYS
+
+from mcvi_ops.data._files import PARTIAL
+
+logger = logging.getLogger(__name__)
 
 
 class UnsafeModelFileError(pickle.UnpicklingError):
@@ -127,6 +138,12 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: Any = None) -> Any
         The file names a type or function outside the allow-list; nothing was built.
     """
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        msg = (
+            f"{str(path)!r} is empty (0 bytes): the save that wrote it was interrupted or the "
+            "file was truncated. Save the model again from the trained model, or restore the file."
+        )
+        raise ValueError(msg)
     allowed = _allowed_globals()
     try:
         with torch.serialization.safe_globals(allowed):
@@ -144,6 +161,15 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: Any = None) -> Any
             "built with custom encoder or decoder networks), pass `weights_only=False`."
         )
         raise UnsafeModelFileError(msg) from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "zip" not in str(err).lower():
+            raise
+        msg = (
+            f"{str(path)!r} cannot be read ({type(err).__name__}: {err or 'unexpected end'}): it "
+            "is truncated or corrupt (e.g. an interrupted copy or save). Save the model again "
+            "from the trained model, or restore the file."
+        )
+        raise ValueError(msg) from err
 
 
 def load_saved_files(
@@ -200,3 +226,140 @@ def load_registry(
     """The registry (set-up arguments and field states) saved with a model."""
     attr_dict = load_saved_files(dir_path, prefix=prefix, weights_only=weights_only)[0]
     return attr_dict["registry_"]
+
+
+# --- writing a model folder ------------------------------------------------------------------
+def save_atomically(
+    dir_path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool
+) -> None:
+    """Run ``write(folder)`` on a temporary folder, then move its files into ``dir_path``.
+
+    Each file replaces its namesake with one rename (the model file last), so a save that fails
+    part way (disk full, Ctrl-C) leaves the model saved there before loadable, and other files of
+    the folder (other prefixes) untouched.
+    """
+    dir_path = Path(dir_path)
+    if dir_path.exists() and not dir_path.is_dir():
+        msg = (
+            f"Cannot save a model to {str(dir_path)!r}: it is a file. Pass a folder as `dir_path`."
+        )
+        raise NotADirectoryError(msg)
+    if dir_path.is_dir() and not overwrite:
+        msg = (
+            f"{str(dir_path)!r} already exists. Pass `overwrite=True` to replace the model saved "
+            "there, or another `dir_path`."
+        )
+        raise ValueError(msg)
+    created = not dir_path.exists()
+    dir_path.mkdir(parents=True, exist_ok=True)
+    tmp = dir_path / f".save{PARTIAL}{uuid.uuid4().hex[:12]}"
+    done = False
+    try:
+        write(str(tmp))
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in sorted(names, key=lambda n: n.endswith(SAVE_KEYS.MODEL_FNAME)):
+            os.replace(tmp / name, dir_path / name)
+        done = True
+    except OSError as err:
+        kept = "" if created else " The model saved there before is unchanged."
+        msg = (
+            f"Could not save the model to {str(dir_path)!r}: {err.strerror or err}"
+            f"{f' ({err.filename})' if err.filename else ''}.{kept} Free disk space or choose "
+            "another `dir_path`, then save again."
+        )
+        raise OSError(err.errno, msg) from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not done:
+            shutil.rmtree(dir_path, ignore_errors=True)
+
+
+# --- rebuilding a model from its folder ------------------------------------------------------
+#: set while `load` builds a model: the input transform's statistics come from the saved file
+LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("mcvi_ops_loading", default=False)
+
+
+def check_registry(registry: Any, path: Path, *, image_key: str) -> dict:
+    """The saved registry, refusing one written by a version that lacks what loading needs."""
+    from scvi.data._constants import _SETUP_ARGS_KEY
+
+    needed = (_SETUP_ARGS_KEY, "field_registries")
+    lacking = [k for k in needed if not isinstance(registry, dict) or k not in registry]
+    if not lacking and image_key not in registry["field_registries"]:
+        lacking = [f"field_registries[{image_key!r}]"]
+    if lacking:
+        version = registry.get("scvi_version", "?") if isinstance(registry, dict) else "?"
+        msg = (
+            f"{str(path)!r} was saved by another version of mcvi-ops (scvi-tools {version}): its "
+            f"registry lacks {lacking}, so this version cannot rebuild the model. Load it with "
+            "the version that saved it and save it again, or train a new model."
+        )
+        raise ValueError(msg)
+    return registry
+
+
+def initialize(cls, adata, registry: dict, attr_dict: dict, path: Path):
+    """Build the model from its saved init parameters, naming those this version refuses."""
+    from scvi.model.base._save_load import _initialize_model
+
+    init_params = attr_dict.get("init_params_", {})
+    token = LOADING.set(True)
+    try:
+        return _initialize_model(cls, adata, registry, attr_dict, None)
+    except TypeError as err:
+        saved = {
+            k: v
+            for group in ("non_kwargs", "kwargs")
+            for k, v in (init_params.get(group) or {}).items()
+        }
+        msg = (
+            f"{str(path)!r} holds a {cls.__name__} saved with parameters {sorted(saved)} that this "
+            f"version of mcvi-ops does not take ({err}); it was saved by another version. Load it "
+            "with the version that saved it, or train a new model."
+        )
+        raise TypeError(msg) from err
+    finally:
+        LOADING.reset(token)
+
+
+def match_state_dict(model, state_dict: dict, registry: dict, adata, path: Path) -> dict:
+    """``state_dict`` checked against the rebuilt module; a missing ``dark_level`` is filled in.
+
+    Models saved before intensity factors existed lack the ``dark_level`` buffer: it is taken
+    from the set-up's intensity factors, or left at its default (0) without them.
+    """
+    expected = model.module.state_dict()
+    state_dict = dict(state_dict)
+    if "dark_level" in expected and "dark_level" not in state_dict:
+        key = registry.get("setup_args", {}).get("intensity_factor_key")
+        info = adata.uns.get(key) if key is not None else None
+        dark = expected["dark_level"].clone()
+        if isinstance(info, dict) and "dark_level" in info:
+            dark = torch.as_tensor(np.asarray(info["dark_level"], dtype=np.float32)).view_as(dark)
+        state_dict["dark_level"] = dark
+        logger.info(
+            "%s has no dark level (saved by an older version); using %s.", path, dark.view(-1)
+        )
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k} (saved {tuple(state_dict[k].shape)}, expected {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        problems = []
+        if shapes:
+            problems.append(f"weights of other shapes: {', '.join(shapes[:3])}")
+        if missing:
+            problems.append(f"missing weights {missing[:5]}")
+        if unexpected:
+            problems.append(f"unknown weights {unexpected[:5]}")
+        msg = (
+            f"The weights in {str(path)!r} do not fit the {type(model).__name__} rebuilt from its "
+            f"saved set-up ({'; '.join(problems)}): the file was changed, or written by another "
+            "version or another model. Save the trained model again, or load the folder with the "
+            "version that saved it."
+        )
+        raise ValueError(msg)
+    return state_dict

@@ -325,15 +325,47 @@ class EpochCheckpoint(Callback):
         save_checkpoint(trainer, self.last_path)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file too large, no permission).
+
+    ``checkpoint`` is the file, ``reason`` the operating system's error and ``kept`` what is
+    left of the previous checkpoint.
+    """
+
+    checkpoint: Path
+    reason: str
+    kept: str
+
+
 def save_checkpoint(trainer: pl.Trainer, path: str | os.PathLike) -> Path:
-    """Write a Lightning checkpoint atomically (a temporary file renamed), from every rank."""
+    """Write a Lightning checkpoint atomically (a temporary file renamed), from every rank.
+
+    A write that fails (disk full, file-size limit) leaves the previous checkpoint at ``path``
+    as it was and raises :class:`CheckpointWriteError` naming the file.
+    """
     path = Path(path)
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    trainer.save_checkpoint(partial, weights_only=False)
-    if trainer.is_global_zero and partial.exists():
-        os.replace(partial, path)
+    try:
+        trainer.save_checkpoint(partial, weights_only=False)
+        if trainer.is_global_zero and partial.exists():
+            os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        kept = (
+            f"the previous checkpoint {str(path)!r} is unchanged"
+            if path.exists()
+            else "no earlier checkpoint exists there"
+        )
+        msg = (
+            f"Could not write the checkpoint {str(path)!r}: {err.strerror or err}; {kept}. Free "
+            "disk space (or raise the file-size limit, or pass another `checkpoint_dir`), then "
+            "resume from the last checkpoint with `ckpt_path=`."
+        )
+        error = CheckpointWriteError(err.errno, msg)
+        error.checkpoint, error.reason, error.kept = path, str(err.strerror or err), kept
+        raise error from err
     trainer.strategy.barrier("mcvi_ops_checkpoint")
     return path
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import gc
 import logging
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerStatus
+from scvi import REGISTRY_KEYS
 from scvi.train import TrainRunner
+
+from mcvi_ops._constants import PERTURBATION_KEY
 
 from ._callbacks import (
     DivergenceGuard,
@@ -43,7 +48,40 @@ class ImageTrainRunner(TrainRunner):
     def _callback(self, cls):
         return next((c for c in self.trainer.callbacks if isinstance(c, cls)), None)
 
+    def _check_labels(self) -> None:
+        """Refuse cells registered without a perturbation or batch the model knows.
+
+        Query cells (e.g. a model loaded with new cells) may lack them, which embedding
+        tolerates; the loss needs both.
+        """
+        manager = self.model.adata_manager
+        for key, what in ((PERTURBATION_KEY, "perturbation"), (REGISTRY_KEYS.BATCH_KEY, "batch")):
+            if key not in manager.data_registry:
+                continue
+            codes = np.asarray(manager.get_from_registry(key)).reshape(-1)
+            unknown = int((codes < 0).sum())
+            if unknown:
+                column = manager.get_state_registry(key).original_key
+                msg = (
+                    f"{unknown} of {len(codes)} cells have no {what} the model was set up with in "
+                    f"adata.obs[{column!r}] (missing, or a value it never saw). Training needs "
+                    "every cell labelled: set up these cells with `setup_anndata` and train a "
+                    "new model, or drop them; embedding them needs no label."
+                )
+                raise ValueError(msg)
+
+    def _not_a_checkpoint(self, reason: str) -> str:
+        return (
+            f"{str(self.ckpt_path)!r} is not a training checkpoint ({reason.splitlines()[0]}). "
+            "`ckpt_path=` resumes from the `last.ckpt` or `interrupted.ckpt` of a run's "
+            "`checkpoint_dir`; a saved model folder (its model.pt) is loaded with "
+            "`mcvi_ops.MCVAE.load(folder, adata)` instead, and trained further with `train()`."
+        )
+
     def _run_training_core(self) -> None:
+        self._check_labels()
+        if self.ckpt_path is not None and Path(self.ckpt_path).name.endswith("model.pt"):
+            raise ValueError(self._not_a_checkpoint("a saved model's file"))
         guard = self._callback(DivergenceGuard)
         fit_kwargs = {"ckpt_path": self.ckpt_path}
         if self.ckpt_path is not None:
@@ -68,11 +106,17 @@ class ImageTrainRunner(TrainRunner):
                 if guard is not None and guard.diverged is not None:
                     self._finish(trained=False)
                     raise TrainingDivergedError(guard.message) from err
+                if self.ckpt_path is not None and isinstance(
+                    err, pickle.UnpicklingError | KeyError
+                ):
+                    raise ValueError(self._not_a_checkpoint(repr(err))) from err
                 raise
         self._update_history()
         if guard is not None and guard.diverged is not None:
             self._finish(trained=False)
             raise TrainingDivergedError(guard.message)
+        # callers that must not report an interrupted run as finished (the command line) read it
+        self.model._stopped_by_interrupt = interrupt.requested
         if interrupt.requested:
             path = self._save_interrupted()
             resume = (
