@@ -126,13 +126,48 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    from mcvi_ops.data._files import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip("."))
+    finally:
+        plt.close(fig)
     return path
 
 
 def _file_label(path: Path) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem)
+
+
+def relationship_labels(paths: list[Path]) -> dict[str, Path]:
+    """A unique, file-name-safe label per relationship file, in the given order.
+
+    A file given twice is scored once; files with the same name in different folders are told
+    apart by their folder (``a/CORUM.txt``, ``b/CORUM.txt`` -> ``a_CORUM``, ``b_CORUM``).
+    """
+    unique: list[Path] = []
+    for path in paths:
+        if path.resolve() in {p.resolve() for p in unique}:
+            logger.warning("Relationship file %s is given twice; scoring it once.", path)
+        else:
+            unique.append(path)
+    stems = [_file_label(p) for p in unique]
+    labels: dict[str, Path] = {}
+    for path, stem in zip(unique, stems, strict=True):
+        label = stem if stems.count(stem) == 1 else f"{_file_label(path.parent)}_{stem}"
+        base, k = label, 2
+        while label in labels:
+            label, k = f"{base}_{k}", k + 1
+        labels[label] = path
+    return labels
+
+
+def _write_csv(table, path: Path) -> None:
+    from mcvi_ops.data._files import atomic_path
+
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
 
 
 # --- the steps -------------------------------------------------------------------------------
@@ -143,8 +178,7 @@ def _relationships(genes, args, reps: list[str], out: Path) -> tuple[Any, list[s
     from mcvi_ops import metrics, pl
 
     frames, skipped, figures = [], [], []
-    for path in args.relationships:
-        name = _file_label(path)
+    for name, path in relationship_labels(list(args.relationships)).items():
         key = f"known_relationships_{name}"
         try:
             frame = metrics.known_relationships(
@@ -329,6 +363,21 @@ def _report(adata, args, reps, genes, relationships, covariates, skipped, figure
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate embeddings; see ``mcvi-ops evaluate --help``."""
+    from mcvi_ops.data._files import check_writable_folder
+
+    from ._run import output_lock
+
+    check_writable_folder(
+        args.out, what="--out", fix="Pass --out naming a folder you can write to."
+    )
+    lock = output_lock(args.out, folder=True)
+    try:
+        return _evaluate(args)
+    finally:
+        lock.release()
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     out: Path = args.out
     if (out / REPORT_NAME).exists() and not args.overwrite:
         msg = f"{str(out)!r} already holds an evaluation. Pass --overwrite to replace it."
@@ -368,8 +417,8 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
 
     from mcvi_ops import tl
+    from mcvi_ops.data._files import write_text
 
-    out.mkdir(parents=True, exist_ok=True)
     genes = tl.aggregate(
         adata,
         use_rep=reps,
@@ -381,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
     figures += cov_figures + _umaps(adata, args, out)
     written = []
     if relationships is not None:
-        relationships.to_csv(out / "known_relationships.csv", index=False)
+        _write_csv(relationships, out / "known_relationships.csv")
         written.append("known_relationships.csv")
         best = relationships[relationships["metric"] == "average_precision"]
         for row in best.to_dict("records"):
@@ -390,10 +439,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{row['value']:.3f} (random {row['baseline']:.3f})"
             )
     if covariates is not None:
-        covariates.to_csv(out / "technical_covariates.csv", index=False)
+        _write_csv(covariates, out / "technical_covariates.csv")
         written.append("technical_covariates.csv")
     report = _report(adata, args, reps, genes, relationships, covariates, skipped + notes, figures)
-    (out / REPORT_NAME).write_text(report)
+    write_text(out / REPORT_NAME, report)
     for line in skipped + notes:
         print(f"Skipped {line}")
     names = ", ".join(written + [p.name for p in figures])

@@ -23,7 +23,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: infix of the temporary names of files being written (``.NAME.partial-<hex>``)
+#: infix of the temporary names of files being written (``.STEM.partial-<hex>.SUFFIX``)
 PARTIAL = ".partial-"
 
 
@@ -49,7 +49,8 @@ def atomic_path(path: str | os.PathLike, *, folder: bool = False) -> Iterator[Pa
     Yields
     ------
     The temporary path to write to, in the same folder as ``path`` (so the final rename is
-    atomic). If the block raises, the temporary path is deleted and ``path`` is left as it was.
+    atomic) and with the same suffix. If the block raises, the temporary path is deleted and
+    ``path`` is left as it was.
 
     Examples
     --------
@@ -59,7 +60,8 @@ def atomic_path(path: str | os.PathLike, *, folder: bool = False) -> Iterator[Pa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{PARTIAL}{uuid.uuid4().hex[:12]}")
+    # the suffix stays last: writers that choose the format by it (anndata, matplotlib) work
+    tmp = path.with_name(f".{path.stem}{PARTIAL}{uuid.uuid4().hex[:12]}{path.suffix}")
     if folder:
         tmp.mkdir()
     try:

@@ -248,17 +248,22 @@ def get_crops(adata: AnnData, rows: Any = None, *, uns_key: str = UNS_KEY) -> np
 
 
 def write_h5ad(adata: AnnData, path: str | os.PathLike) -> None:
-    """Write ``adata`` to ``path`` as ``.h5ad``, also when its columns hold pandas strings.
+    """Write ``adata`` to ``path`` as ``.h5ad`` atomically, also when its columns hold pandas strings.
 
-    With pandas 3 (or ``future.infer_string``) text columns and indices are pandas string
-    arrays, which anndata 0.11+ writes only with ``anndata.settings.allow_write_nullable_strings``
-    on; it is switched on for this write only, when the installed anndata has it.
+    The file is written under a temporary name and renamed into place when complete, so a
+    failed write (disk full, Ctrl-C) leaves an earlier file at ``path`` as it was, and a
+    symbolic link at ``path`` is replaced, not written through. With pandas 3 (or
+    ``future.infer_string``) text columns and indices are pandas string arrays, which anndata
+    0.11+ writes only with ``anndata.settings.allow_write_nullable_strings`` on; it is switched
+    on for this write only, when the installed anndata has it.
     """
+    from ._files import atomic_path
+
     settings = anndata.settings
     allow = (
         settings.override(allow_write_nullable_strings=True)
         if hasattr(settings, "allow_write_nullable_strings")
         else contextlib.nullcontext()
     )
-    with allow:
-        adata.write_h5ad(path)
+    with allow, atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)

@@ -118,8 +118,8 @@ def prepare_crops(
     """Convert crops to the store's dtype without silent loss.
 
     NaN/inf pixels raise (naming the cells) or, with ``nonfinite="zero"``, become 0; integers
-    outside the target range, integers float32 cannot hold exactly and float64 values beyond the
-    float32 range raise. Returns the converted crops and the number of non-finite pixel values
+    outside the target range, fractional values for an integer store, integers float32 cannot
+    hold exactly and float64 values beyond the float32 range raise. Returns the converted crops and the number of non-finite pixel values
     and of cells that held them.
     """
     crops = np.asarray(crops)
@@ -168,9 +168,16 @@ def prepare_crops(
             )
             raise ValueError(msg)
     if np.issubdtype(dtype, np.integer) and crops.dtype != dtype and len(crops):
-        check_integer_range(crops, dtype, fix="write float32 crops")
+        check_integer_range(crops, dtype, fix="write float32 crops (dtype='float32')")
         if crops.dtype.kind == "f":
-            crops = np.rint(crops)
+            fractional = (crops != np.rint(crops)).reshape(len(crops), -1).any(axis=1)
+            if fractional.any():
+                msg = (
+                    f"{crops.dtype} crops hold fractional values (cells "
+                    f"{where(np.flatnonzero(fractional))}), which the {dtype} store would round. "
+                    "Write float32 crops (dtype='float32'), or scale and round them yourself."
+                )
+                raise ValueError(msg)
     return crops.astype(dtype, copy=False), n_values, n_cells
 
 

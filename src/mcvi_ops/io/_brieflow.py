@@ -24,7 +24,6 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +35,9 @@ from mcvi_ops.data._link import write_h5ad
 from mcvi_ops.pp._resume import ADATA_NAME
 
 from ._images import MissingTileError
+from ._ome_zarr import OmeZarrTiles, ome_zarr_channel_names
+from ._ome_zarr import read_ome_zarr as read_ome_zarr  # re-exported
+from ._ome_zarr import split_well as split_well  # re-exported
 from ._tables import read_cells, unique_cell_ids
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,6 @@ _METADATA_PATTERN = re.compile(
     r"^(cell_barcode|cell_barcode_peak|cell_barcode_count|gene_symbol|gene_id|sgRNA|no_recomb|"
     r"Q_min|Q_recomb)_\d+$|^(nucleus|cell|cytoplasm)_(i|j|bounds_\d)$|^global_|^pixel_size_"
 )
-_WELL = re.compile(r"^([A-Za-z]+)(\d+)$")
 
 
 def _is_metadata(table: pd.DataFrame, column: str) -> bool:
@@ -68,101 +69,6 @@ def _is_metadata(table: pd.DataFrame, column: str) -> bool:
         return True
     dtype = table[column].dtype
     return not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
-
-
-def split_well(well: Any) -> tuple[str, str]:
-    """Row and column of a well name as brieflow's OME-Zarr layout uses them (``A1`` -> A, 1)."""
-    match = _WELL.match(str(well))
-    if match is None:
-        msg = (
-            f"Well {well!r} is not a row letter followed by a column number (like 'A1'), so its "
-            "OME-Zarr tile path cannot be built. Pass `images=` as a path template or a callable."
-        )
-        raise ValueError(msg)
-    return match.group(1), match.group(2)
-
-
-# --- OME-Zarr tiles --------------------------------------------------------------------------
-def _ome_attrs(group) -> dict[str, Any]:
-    attrs = dict(group.attrs)
-    return dict(attrs.get("ome", attrs))  # NGFF 0.5 nests the metadata under "ome"
-
-
-def read_ome_zarr(path: str | os.PathLike) -> np.ndarray:
-    """Level 0 of an OME-Zarr multiscale image as (channels, height, width).
-
-    Time and singleton z axes are dropped, as brieflow's own reader does.
-    """
-    import zarr
-
-    path = Path(path)
-    if path.name == "zarr.json":
-        path = path.parent
-    if not path.exists():
-        msg = f"OME-Zarr image {str(path)!r} does not exist."
-        raise FileNotFoundError(msg)
-    group = zarr.open_group(str(path), mode="r")
-    meta = _ome_attrs(group)
-    multiscales = meta.get("multiscales") or [{}]
-    datasets = multiscales[0].get("datasets") or [{"path": "0"}]
-    level = str(datasets[0].get("path", "0"))
-    if level not in group:
-        msg = (
-            f"OME-Zarr image {str(path)!r} has no level-0 array {level!r}; it does not look like a "
-            "multiscale image (OME-NGFF 0.4/0.5)."
-        )
-        raise ValueError(msg)
-    array = np.asarray(group[level][...])
-    axes = [a["name"] if isinstance(a, Mapping) else str(a) for a in multiscales[0].get("axes", [])]
-    axes = [a.lower() for a in axes] if len(axes) == array.ndim else []
-    if not axes:
-        axes = list("tczyx"[-array.ndim :]) if array.ndim >= 3 else ["y", "x"]
-    for name in ("t", "z"):
-        if name in axes:
-            axis = axes.index(name)
-            if array.shape[axis] != 1:
-                msg = (
-                    f"OME-Zarr image {str(path)!r} has {array.shape[axis]} planes along "
-                    f"{name!r}; expected one. Project it to 2-D first."
-                )
-                raise ValueError(msg)
-            array = np.take(array, 0, axis=axis)
-            axes.pop(axis)
-    if "c" not in axes:
-        array, axes = array[None], ["c", *axes]
-    return np.moveaxis(array, [axes.index("c"), axes.index("y"), axes.index("x")], [0, 1, 2])
-
-
-def ome_zarr_channel_names(path: str | os.PathLike) -> list[str] | None:
-    """Channel labels of an OME-Zarr image (``omero.channels[].label``), or `None`."""
-    import zarr
-
-    meta = _ome_attrs(zarr.open_group(str(path), mode="r"))
-    channels = (meta.get("omero") or {}).get("channels") or []
-    labels = [c.get("label") for c in channels if isinstance(c, Mapping)]
-    return [str(label) for label in labels] if labels and all(labels) else None
-
-
-@dataclass(frozen=True)
-class OmeZarrTiles:
-    """Tile loader for :func:`~mcvi_ops.pp.extract_crops`: (plate, well, tile) -> OME-Zarr image.
-
-    ``template`` names ``{plate}``, ``{well}``, ``{tile}``, ``{row}`` and ``{col}`` (the well
-    split into row letter and column number). Picklable, so it works with ``n_jobs > 1``.
-    """
-
-    template: str
-
-    def path(self, key: tuple[Any, Any, Any]) -> Path:
-        plate, well, tile = key
-        row, col = split_well(well)
-        return Path(self.template.format(plate=plate, well=well, tile=tile, row=row, col=col))
-
-    def __call__(self, key: tuple[Any, Any, Any]) -> np.ndarray:
-        path = self.path(key)
-        if not path.exists():
-            raise FileNotFoundError(str(path))
-        return read_ome_zarr(path)
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -208,7 +114,40 @@ def _cell_paths(cells: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return [Path(p) for p in cells]
 
 
-def _read_tables(cells: Any, features: bool) -> tuple[pd.DataFrame, list[str]]:
+def _check_same_columns(tables: list[pd.DataFrame], paths: list[Path], required: list[str]) -> None:
+    """Refuse tables that lack a column the others have: their cells would get NaN labels."""
+    for column in required:
+        lacking = [str(p) for p, t in zip(paths, tables, strict=True) if column not in t]
+        if lacking and len(lacking) < len(tables):
+            msg = (
+                f"{len(lacking)} of {len(tables)} brieflow cell tables lack the column "
+                f"{column!r} that the others have, e.g. {lacking[:3]}: their cells would be read "
+                "with missing values. Fix or leave out those tables (or pass the matching "
+                "`perturbation_key=`)."
+            )
+            raise KeyError(msg)
+
+
+def _single_gene(values: pd.Series) -> np.ndarray:
+    """``mapped_single_gene`` as booleans, also when stored as text ('True'/'False') or numbers."""
+    if pd.api.types.is_bool_dtype(values):
+        return values.fillna(False).to_numpy(dtype=bool)
+    if pd.api.types.is_numeric_dtype(values):
+        return (values.fillna(0) != 0).to_numpy(dtype=bool)
+    text = values.astype("string").str.strip().str.lower()
+    truth = {"true": True, "t": True, "yes": True, "1": True, "1.0": True}
+    truth |= {"false": False, "f": False, "no": False, "0": False, "0.0": False, "": False}
+    unknown = sorted(set(text.dropna()) - set(truth))
+    if unknown:
+        msg = (
+            f"mapped_single_gene holds values {unknown[:5]} that are neither true nor false. Fix "
+            "the column, or pass single_gene_only=False to keep every cell."
+        )
+        raise ValueError(msg)
+    return text.map(truth).fillna(False).to_numpy(dtype=bool)
+
+
+def _read_tables(cells: Any, features: bool, required: list[str]) -> tuple[pd.DataFrame, list[str]]:
     if isinstance(cells, pd.DataFrame):
         return cells.copy(), ["DataFrame"]
     if isinstance(cells, AnnData):
@@ -218,6 +157,7 @@ def _read_tables(cells: Any, features: bool) -> tuple[pd.DataFrame, list[str]]:
         msg = "No brieflow cell tables given; pass a parquet/h5ad path, a list of them or a folder."
         raise ValueError(msg)
     tables = [_read_one(p, features) for p in paths]
+    _check_same_columns(tables, paths, required)
     # parquet tables carry row numbers 0..n-1 each; those would collide, named ids would not
     numbered = all(isinstance(t.index, pd.RangeIndex) for t in tables)
     table = tables[0] if len(tables) == 1 else pd.concat(tables, ignore_index=numbered)
@@ -290,7 +230,15 @@ def _auto_crop_size(table: pd.DataFrame) -> int:
             "brieflow's cell table, which are missing. Pass crop_size as a number of pixels."
         )
         raise KeyError(msg)
-    size = int(np.ceil(np.nanpercentile(extent, 95) / 2) * 2)
+    finite = extent[np.isfinite(extent)]
+    if not len(finite):
+        msg = (
+            f"crop_size='auto' needs the cells' bounding boxes, but cell_bounds_0..3 hold no "
+            f"finite values in any of the {len(extent)} cells. Pass crop_size as a number of "
+            "pixels."
+        )
+        raise ValueError(msg)
+    size = int(np.ceil(np.percentile(finite, 95) / 2) * 2)
     return max(size, 8)
 
 
@@ -430,9 +378,61 @@ def read_brieflow(
     ...     resize_to=64,
     ... )
     """
+    from ._from_crops import output_lock
+
+    lock = output_lock(out)  # held until cells.h5ad is rewritten below
+    try:
+        return _read_brieflow(
+            cells,
+            images,
+            out,
+            channel_names=channel_names,
+            crop_size=crop_size,
+            resize_to=resize_to,
+            image_kind=image_kind,
+            perturbation_key=perturbation_key,
+            guide_key=guide_key,
+            control_key=control_key,
+            single_gene_only=single_gene_only,
+            features=features,
+            align=align,
+            clip_percentiles=clip_percentiles,
+            on_missing_tile=on_missing_tile,
+            n_jobs=n_jobs,
+            overwrite=overwrite,
+            progress=progress,
+            **extract_kwargs,
+        )
+    finally:
+        lock.release()
+
+
+def _read_brieflow(
+    cells,
+    images,
+    out,
+    *,
+    channel_names,
+    crop_size,
+    resize_to,
+    image_kind,
+    perturbation_key,
+    guide_key,
+    control_key,
+    single_gene_only,
+    features,
+    align,
+    clip_percentiles,
+    on_missing_tile,
+    n_jobs,
+    overwrite,
+    progress,
+    **extract_kwargs,
+) -> AnnData:
     from mcvi_ops.pp import extract_crops
 
-    table, sources = _read_tables(cells, features)
+    required = [*TILE_KEY, *CENTROID, *([perturbation_key] if perturbation_key else [])]
+    table, sources = _read_tables(cells, features, required)
     table.columns = table.columns.astype(str)
     missing = [c for c in (*TILE_KEY, *CENTROID) if c not in table]
     if missing:
@@ -452,7 +452,7 @@ def read_brieflow(
     n_in = len(table)
     n_not_single = 0
     if single_gene_only and "mapped_single_gene" in table:
-        keep = table["mapped_single_gene"].fillna(False).astype(bool).to_numpy()
+        keep = _single_gene(table["mapped_single_gene"])
         n_not_single = int((~keep).sum())
         table = table.loc[keep]
         logger.info("Dropped %d cells not mapped to a single gene.", n_not_single)

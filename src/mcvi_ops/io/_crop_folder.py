@@ -6,10 +6,12 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from anndata import AnnData
+
+from mcvi_ops.data._files import contained_path
 
 from ._from_crops import crops_from_files
 from ._images import ChannelAxis, stem
@@ -30,6 +32,8 @@ def read_crop_folder(
     dtype: Any = None,
     chunk_cells: int | None = None,
     pixel_size: float | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+    nonfinite: Literal["raise", "zero"] = "raise",
     overwrite: bool = False,
     progress: bool = True,
 ) -> AnnData:
@@ -42,7 +46,9 @@ def read_crop_folder(
     Parameters
     ----------
     index
-        The index table: a ``.parquet``, ``.csv`` or ``.tsv`` file, or a DataFrame.
+        The index table: a ``.parquet``, ``.csv`` or ``.tsv`` file, or a DataFrame. Relative
+        paths in it must stay inside ``root`` (``..`` may not lead out of it); absolute paths
+        are read as given.
     out
         Output folder; receives ``crops.zarr`` and ``cells.h5ad``.
     channel_names
@@ -62,6 +68,13 @@ def read_crop_folder(
         Cells per chunk of the store.
     pixel_size
         Pixel size in micrometres.
+    on_error
+        A crop file that cannot be read (corrupt or truncated): ``"raise"`` stops with an error
+        naming it; ``"skip"`` logs it and leaves its cell out (listed in
+        ``uns["import_crops"]["skipped_files"]``).
+    nonfinite
+        NaN/inf pixels: ``"raise"`` (an error naming the cells) or ``"zero"`` (set to 0 and
+        counted in ``uns["import_crops"]`` and the store attribute ``nonfinite``).
     overwrite
         Replace an existing ``crops.zarr`` / ``cells.h5ad`` in ``out``.
     progress
@@ -107,7 +120,18 @@ def read_crop_folder(
             f"{rows}. Fill them in or drop those rows."
         )
         raise ValueError(msg)
-    paths = [Path(p) if Path(p).is_absolute() else base / p for p in table[path_key].astype(str)]
+    paths = [
+        Path(p)
+        if Path(p).is_absolute()
+        else contained_path(
+            base,
+            p,
+            what=f"The relative crop path {p!r} of {where}",
+            fix="Relative paths must stay inside `root` (no '..' leading out of it); give the "
+            "file's absolute path, or pass root= naming a folder that holds it.",
+        )
+        for p in table[path_key].astype(str)
+    ]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         msg = (
@@ -135,6 +159,8 @@ def read_crop_folder(
         dtype=dtype,
         chunk_cells=chunk_cells,
         pixel_size=pixel_size,
+        on_error=on_error,
+        nonfinite=nonfinite,
         overwrite=overwrite,
         progress=progress,
     )

@@ -15,6 +15,7 @@ from anndata import AnnData
 from mcvi_ops._constants import UNS
 from mcvi_ops.data import CropWriter, link_crops
 from mcvi_ops.data._link import write_h5ad
+from mcvi_ops.data._lock import StoreLock
 from mcvi_ops.data._writer import check_channel_names, check_integer_range
 from mcvi_ops.pp._resize import resize_crops
 from mcvi_ops.pp._resume import ADATA_NAME, STORE_NAME
@@ -33,6 +34,18 @@ logger = logging.getLogger(__name__)
 
 UNS_KEY = UNS.import_crops
 _STORE_DTYPES = (np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32"))
+
+
+def output_lock(out: str | os.PathLike) -> StoreLock:
+    """The lock of an import's output folder: the lock of its crop store, held until the end.
+
+    The store's writer takes the same lock (re-entrant in this process), so a second process
+    writing the same folder stops with :class:`~mcvi_ops.data.StoreLockedError` instead of
+    replacing ``crops.zarr`` or ``cells.h5ad`` while this one writes them.
+    """
+    root = Path(out).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return StoreLock(str(root / STORE_NAME)).acquire()
 
 
 def _output_paths(out: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
@@ -197,49 +210,64 @@ def crops_from_array(
         logger.info("Crops are not square (%s); keeping them as they are.", tuple(crop_shape))
     out_dtype = _out_dtype(dtype, source_dtype)
     obs = _check_obs(obs, n_cells, range(n_cells))
-    store_path, adata_path = _output_paths(out, overwrite)
-    size = (resize_to, resize_to) if resize_to else tuple(crop_shape)
-    with CropWriter(
-        str(store_path),
-        n_channels=len(names),
-        crop_size=size,
-        channel_names=names,
-        dtype=out_dtype,
-        chunk_cells=chunk_cells,
-        pixel_size=pixel_size,
-        nonfinite=nonfinite,
-        overwrite=overwrite,
-    ) as writer:
-        step = writer.chunk_cells
-        starts = range(0, n_cells, step)
-        for start in tqdm(starts, unit="chunk", desc="Storing crops", disable=not progress):
-            batch = np.asarray(crops[start : start + step])  # reads only these cells
-            if single:
-                batch = batch[:, None]
-            batch = np.moveaxis(batch, axis, 1)
-            writer.append(
-                _prepare(batch, resize_to, out_dtype), cell_names=obs.index[start : start + step]
-            )
-    info = {
-        "source": "array",
-        "n_cells": int(n_cells),
-        "channel_names": names,
-        "resize_to": resize_to,
-    }
-    return _finish(obs, writer.store, adata_path, info)
+    lock = output_lock(out)
+    try:
+        store_path, adata_path = _output_paths(out, overwrite)
+        size = (resize_to, resize_to) if resize_to else tuple(crop_shape)
+        with CropWriter(
+            str(store_path),
+            n_channels=len(names),
+            crop_size=size,
+            channel_names=names,
+            dtype=out_dtype,
+            chunk_cells=chunk_cells,
+            pixel_size=pixel_size,
+            nonfinite=nonfinite,
+            overwrite=overwrite,
+        ) as writer:
+            step = writer.chunk_cells
+            starts = range(0, n_cells, step)
+            for start in tqdm(starts, unit="chunk", desc="Storing crops", disable=not progress):
+                batch = np.asarray(crops[start : start + step])  # reads only these cells
+                if single:
+                    batch = batch[:, None]
+                batch = np.moveaxis(batch, axis, 1)
+                writer.append(
+                    _prepare(batch, resize_to, out_dtype),
+                    cell_names=obs.index[start : start + step],
+                )
+        info = {
+            "source": "array",
+            "n_cells": int(n_cells),
+            "channel_names": names,
+            "resize_to": resize_to,
+        }
+        return _finish(obs, writer.store, adata_path, info)
+    finally:
+        lock.release()
 
 
 def _prepare(batch: np.ndarray, resize_to: int | None, dtype: np.dtype) -> np.ndarray:
-    """Resize crops, checking first that they fit an integer output type."""
+    """Resize crops, checking first that they fit an integer output type.
+
+    Integer crops resized for an integer store are rounded back to it (resampling rounding, not
+    data); float crops with fractional values are refused for an integer store, resized or not.
+    """
     if not resize_to:
         return batch  # the writer checks values and casts
     integer = np.issubdtype(dtype, np.integer)
     if integer and batch.size and batch.dtype != dtype:
         check_integer_range(batch, dtype, fix="pass dtype='float32'")
+        if batch.dtype.kind == "f" and not np.array_equal(batch, np.rint(batch), equal_nan=True):
+            msg = (
+                f"The crops are {batch.dtype} with fractional values but dtype={str(dtype)!r} "
+                "would round them. Pass dtype='float32' (or None to keep floats)."
+            )
+            raise ValueError(msg)
     batch = resize_crops(batch, resize_to)
     if integer:  # resampling stays within the input range: this only removes rounding error
         info = np.iinfo(dtype)
-        batch = np.clip(batch, info.min, info.max)
+        batch = np.clip(np.rint(batch), info.min, info.max).astype(dtype)
     return batch
 
 
@@ -387,53 +415,57 @@ def crops_from_files(
         raise ValueError(msg)
     shape = first.shape[1:]
     out_dtype = _out_dtype(dtype, first.dtype)
-    store_path, adata_path = _output_paths(out, overwrite)
-    size = (resize_to, resize_to) if resize_to else shape
-    batch: list[np.ndarray] = []
-    rows: list[int] = []
-    with CropWriter(
-        str(store_path),
-        n_channels=len(names),
-        crop_size=size,
-        channel_names=names,
-        dtype=out_dtype,
-        chunk_cells=chunk_cells,
-        pixel_size=pixel_size,
-        nonfinite=nonfinite,
-        overwrite=overwrite,
-    ) as writer:
-        step = writer.chunk_cells
+    lock = output_lock(out)
+    try:
+        store_path, adata_path = _output_paths(out, overwrite)
+        size = (resize_to, resize_to) if resize_to else shape
+        batch: list[np.ndarray] = []
+        rows: list[int] = []
+        with CropWriter(
+            str(store_path),
+            n_channels=len(names),
+            crop_size=size,
+            channel_names=names,
+            dtype=out_dtype,
+            chunk_cells=chunk_cells,
+            pixel_size=pixel_size,
+            nonfinite=nonfinite,
+            overwrite=overwrite,
+        ) as writer:
+            step = writer.chunk_cells
 
-        def append(batch: list[np.ndarray], first_row: int) -> None:
-            writer.append(np.stack(batch), cell_names=obs.index[rows[first_row:]])
+            def append(batch: list[np.ndarray], first_row: int) -> None:
+                writer.append(np.stack(batch), cell_names=obs.index[rows[first_row:]])
 
-        for row in tqdm(
-            range(start, len(files)), unit="crop", desc="Reading crops", disable=not progress
-        ):
-            path = files[row]
-            image = first if row == start else load(path)
-            if image is None:
-                continue
-            if resize_to is None and image.shape[1:] != shape:
-                msg = (
-                    f"Crop file {str(path)!r} is {image.shape[1:]} pixels but the first file is "
-                    f"{shape}. Pass resize_to= to bring all crops to one size."
-                )
-                raise ValueError(msg)
-            if resize_to:
-                image = _prepare(image[None], resize_to, out_dtype)[0]
-            batch.append(image)
-            rows.append(row)
-            if len(batch) >= step:
+            for row in tqdm(
+                range(start, len(files)), unit="crop", desc="Reading crops", disable=not progress
+            ):
+                path = files[row]
+                image = first if row == start else load(path)
+                if image is None:
+                    continue
+                if resize_to is None and image.shape[1:] != shape:
+                    msg = (
+                        f"Crop file {str(path)!r} is {image.shape[1:]} pixels but the first file is "
+                        f"{shape}. Pass resize_to= to bring all crops to one size."
+                    )
+                    raise ValueError(msg)
+                if resize_to:
+                    image = _prepare(image[None], resize_to, out_dtype)[0]
+                batch.append(image)
+                rows.append(row)
+                if len(batch) >= step:
+                    append(batch, len(rows) - len(batch))
+                    batch = []
+            if batch:
                 append(batch, len(rows) - len(batch))
-                batch = []
-        if batch:
-            append(batch, len(rows) - len(batch))
-    info = {
-        "source": "files",
-        "n_cells": len(rows),
-        "channel_names": names,
-        "resize_to": resize_to,
-        "skipped_files": skipped,
-    }
-    return _finish(obs.iloc[rows], writer.store, adata_path, info)
+        info = {
+            "source": "files",
+            "n_cells": len(rows),
+            "channel_names": names,
+            "resize_to": resize_to,
+            "skipped_files": skipped,
+        }
+        return _finish(obs.iloc[rows], writer.store, adata_path, info)
+    finally:
+        lock.release()

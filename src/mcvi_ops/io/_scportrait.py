@@ -27,7 +27,7 @@ from mcvi_ops._constants import UNS
 from mcvi_ops.data._link import write_h5ad
 from mcvi_ops.pp._resume import ADATA_NAME
 
-from ._from_crops import crops_from_array
+from ._from_crops import crops_from_array, output_lock
 from ._tables import unique_cell_ids
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def read_scportrait(
     channels: Literal["image", "all"] | Sequence[str] = "image",
     channel_names: Sequence[str] | None = None,
     chunk_cells: int | None = None,
+    nonfinite: Literal["raise", "zero"] = "raise",
     overwrite: bool = False,
     progress: bool = True,
 ) -> AnnData:
@@ -148,6 +149,9 @@ def read_scportrait(
         Names of all channels of the file, when it does not store them.
     chunk_cells
         Cells per chunk of the crop store.
+    nonfinite
+        NaN/inf pixels: ``"raise"`` (an error naming the cells) or ``"zero"`` (set to 0 and
+        counted in ``uns["import_crops"]`` and the store attribute ``nonfinite``).
     overwrite
         Replace an existing ``crops.zarr`` / ``cells.h5ad`` in ``out``.
     progress
@@ -176,15 +180,25 @@ def read_scportrait(
     ...     "project/extraction/data/single_cells.h5sc", "crops/"
     ... )
     """
-    import h5py
-    from anndata.io import read_elem
-
     path = Path(path).expanduser()
     if not path.is_file():
         msg = f"scPortrait file {str(path)!r} does not exist. Check the path."
         raise FileNotFoundError(msg)
     if out is None:
         out = path.with_name(f"{path.name.split('.')[0]}_crops")
+    lock = output_lock(out)  # held until cells.h5ad is rewritten below
+    try:
+        return _read(
+            path, out, channels, channel_names, chunk_cells, nonfinite, overwrite, progress
+        )
+    finally:
+        lock.release()
+
+
+def _read(path, out, channels, channel_names, chunk_cells, nonfinite, overwrite, progress):
+    import h5py
+    from anndata.io import read_elem
+
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
@@ -238,6 +252,7 @@ def read_scportrait(
             obs=obs,
             dtype=np.float32,
             chunk_cells=chunk_cells,
+            nonfinite=nonfinite,
             overwrite=overwrite,
             progress=progress,
         )

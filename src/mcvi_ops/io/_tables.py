@@ -79,18 +79,30 @@ def read_cells(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in (".gz", ".bz2", ".zip", ".xz") and len(suffixes) > 1:
         suffixes = suffixes[:-1]
-    if suffixes and suffixes[-1] in (".parquet", ".pq"):
-        table = pd.read_parquet(path, **kwargs)
-    elif suffixes and suffixes[-1] in (".csv",):
-        table = pd.read_csv(path, **kwargs)
-    elif suffixes and suffixes[-1] in (".tsv", ".txt", ".tab"):
-        table = pd.read_csv(path, sep="\t", **kwargs)
-    else:
+    kind = suffixes[-1] if suffixes else ""
+    if kind not in (".parquet", ".pq", ".csv", ".tsv", ".txt", ".tab"):
         msg = (
             f"Cannot read a cell table from {str(path)!r}: expected a .csv, .tsv or .parquet "
             "file. Read it yourself with pandas and pass the DataFrame instead."
         )
         raise ValueError(msg)
+    try:
+        if kind in (".parquet", ".pq"):
+            table = pd.read_parquet(path, **kwargs)
+        elif kind == ".csv":
+            table = pd.read_csv(path, **kwargs)
+        else:
+            table = pd.read_csv(path, sep="\t", **kwargs)
+    except TypeError:
+        raise  # a wrong keyword argument: the caller's mistake, named by pandas
+    except (OSError, ValueError, EOFError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        msg = (
+            f"Cannot read the cell table {str(path)!r} ({type(err).__name__}: {first}). It may be "
+            f"truncated or corrupt (e.g. an interrupted copy) or not a {kind.lstrip('.')} file; "
+            "replace it, or leave it out."
+        )
+        raise ValueError(msg) from err
     if not table.index.is_unique:
         duplicated = table.index[table.index.duplicated()].unique()
         warnings.warn(
