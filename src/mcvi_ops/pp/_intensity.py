@@ -85,6 +85,7 @@ def estimate_intensity_factors(
     degree: int = 4,
     max_cells: int = 20_000,
     dark_percentile: float = 0.5,
+    min_batch_controls: int = 10,
     seed: int = 0,
     key_added: str = UNS.intensity_factors,
 ) -> np.ndarray:
@@ -111,18 +112,26 @@ def estimate_intensity_factors(
         Columns of each cell's centroid row and column in its tile, in pixels.
     tile_size
         Tile side in pixels; by default ``adata.uns["synthetic_screen"]["tile_size"]`` or the
-        largest coordinate seen.
+        largest coordinate seen. Every position must lie within ``[0, tile_size]``: the
+        polynomial is not extrapolated.
     perturbation_key, control_category
         Column and category of control cells, on which the factors are fitted.
     degree
         Degree of the polynomial in the tile position (4 fits radial fall-off to the corners).
     max_cells
-        Control cells read to fit (a random sample; the store is read once for them).
+        Control cells read to fit (a random sample; the store is read once for them), at least
+        10.
     dark_percentile
         Percentile of the sampled control pixels that bounds each channel's dark level (camera
         offset) from above. The dark level itself is the part of each crop's background that does
         not dim with the illumination (the intercept of background against fitted factor); the
         correction keeps it in place and rescales only what lies above it.
+    min_batch_controls
+        Fewest sampled control cells a batch needs for its own gain. Batches with fewer (or none)
+        get the average gain of the other batches, with a warning naming them (a gain fitted
+        from one or two cells is noise). Cells outside the range of positions of the fitted
+        controls get the factor at the nearest fitted position (a warning gives the count when
+        they lie more than 5% of the tile beyond it).
     seed
         Seed of the sample.
     key_added
@@ -151,6 +160,13 @@ def estimate_intensity_factors(
     if degree < 0 or int(degree) != degree:
         msg = f"`degree` must be a non-negative integer, got {degree!r}."
         raise ValueError(msg)
+    for name, value, least in (
+        ("max_cells", max_cells, 10),
+        ("min_batch_controls", min_batch_controls, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            msg = f"`{name}` must be an integer >= {least}, got {value!r}."
+            raise ValueError(msg)
     i = check_obs_key(adata, i_key, what="centroid row").to_numpy(dtype=float)
     j = check_obs_key(adata, j_key, what="centroid column").to_numpy(dtype=float)
     if not (np.isfinite(i).all() and np.isfinite(j).all()):
@@ -163,6 +179,7 @@ def estimate_intensity_factors(
     if tile_size is None:
         meta = adata.uns.get(UNS.synthetic, {})
         tile_size = float(meta.get("tile_size", max(i.max(), j.max()) + 1))
+    tile_size = _check_positions(adata, i, j, tile_size, i_key, j_key)
     u = 2 * i / tile_size - 1
     v = 2 * j / tile_size - 1
     labels = check_obs_key(adata, perturbation_key, what="perturbation").astype(str)
@@ -183,14 +200,17 @@ def estimate_intensity_factors(
     crop_means, background, dark = _control_statistics(store, index[sample], dark_percentile)
     n_channels = len(dark)
     design = _monomials(u, v, int(degree))
+    fit_rows = np.ones(len(sample), dtype=bool)
     if batch_key is not None:
-        batch = pd.Categorical(check_obs_key(adata, batch_key, what="batch").astype(str))
-        one_hot = np.eye(len(batch.categories))[batch.codes]
-        design = np.concatenate([design[:, 1:], one_hot], axis=1)  # batch offsets replace 1
+        batch_design, fit_rows = _batch_design(
+            adata, batch_key, sample, perturbation_key, min_batch_controls
+        )
+        design = np.concatenate([design[:, 1:], batch_design], axis=1)  # offsets replace 1
+    design = _clip_to_fitted(design, u, v, sample[fit_rows], int(degree), batch_key is not None)
     for _ in range(2):
         # the mean of each crop above the dark level, kept positive
         log_signal = np.log(np.maximum(crop_means - dark, 1e-3))
-        coef, *_ = np.linalg.lstsq(design[sample], log_signal, rcond=None)
+        coef, *_ = np.linalg.lstsq(design[sample[fit_rows]], log_signal[fit_rows], rcond=None)
         fitted = design @ coef
         for c in range(n_channels):
             slope, intercept = np.polyfit(np.exp(fitted[sample, c]), background[:, c], 1)
@@ -200,6 +220,7 @@ def estimate_intensity_factors(
     residual = log_signal - fitted[sample]
     explained = 1 - residual.var(axis=0) / np.maximum(log_signal.var(axis=0), 1e-12)
     factors = np.exp(fitted).astype(np.float32)
+    _check_factors(factors, adata, batch_key)
     adata.obsm[key_added] = factors
     adata.uns[key_added] = {
         "dark_level": dark.tolist(),
@@ -218,6 +239,121 @@ def estimate_intensity_factors(
         explained.round(3).tolist(),
     )
     return factors
+
+
+def _check_positions(adata, i, j, tile_size, i_key: str, j_key: str) -> float:
+    """``tile_size`` as a positive float; every position must lie in ``[0, tile_size]``."""
+    try:
+        size = float(tile_size)
+    except (TypeError, ValueError):
+        size = float("nan")
+    if not (np.isfinite(size) and size > 0):
+        msg = f"`tile_size` must be a positive number of pixels, got {tile_size!r}."
+        raise ValueError(msg)
+    outside = (i < 0) | (j < 0) | (i > size) | (j > size)
+    if outside.any():
+        msg = (
+            f"{int(outside.sum())} cells lie outside the tile [0, {size:g}] px in "
+            f".obs[{i_key!r}] / .obs[{j_key!r}] (positions up to {max(i.max(), j.max()):g}, "
+            f"e.g. cells {adata.obs_names[outside][:3].tolist()}); the illumination polynomial "
+            "cannot be evaluated there. Pass `tile_size=` covering every position (the tile "
+            "side in pixels), or fix the positions (they must be within each cell's tile)."
+        )
+        raise ValueError(msg)
+    return size
+
+
+def _batch_design(
+    adata: AnnData,
+    batch_key: str,
+    sample: np.ndarray,
+    perturbation_key: str,
+    min_controls: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch columns of the design and the sampled controls to fit on.
+
+    A batch with fewer than ``min_controls`` sampled controls gets no column of its own: its
+    cells get the average offset of the others (weights ``1/k``), and its few controls are left
+    out of the fit.
+    """
+    column = check_obs_key(adata, batch_key, what="batch")
+    missing = column.isna().to_numpy()
+    if missing.any():
+        msg = (
+            f"{int(missing.sum())} cells have no batch in .obs[{batch_key!r}] (NaN, e.g. cells "
+            f"{adata.obs_names[missing][:3].tolist()}): they would be pooled into a batch 'nan'. "
+            "Fill in their batch, drop them, or pass `batch_key=None` (illumination only)."
+        )
+        raise ValueError(msg)
+    batch = pd.Categorical(column.astype(str))
+    counts = np.bincount(batch.codes[sample], minlength=len(batch.categories))
+    fitted = counts >= min_controls
+    if not fitted.any():
+        msg = (
+            f"No batch of .obs[{batch_key!r}] has {min_controls} control cells "
+            f"(.obs[{perturbation_key!r}]) among the {len(sample)} sampled (most: "
+            f"{int(counts.max())}). Pass `batch_key=None` (illumination only), a coarser batch, "
+            "or a smaller `min_batch_controls`."
+        )
+        raise ValueError(msg)
+    if not fitted.all():
+        poor = {str(batch.categories[b]): int(counts[b]) for b in np.flatnonzero(~fitted)}
+        shown = dict(list(poor.items())[:5])
+        logger.warning(
+            "%d batches of .obs[%r] have fewer than %d sampled control cells (%s%s); they get "
+            "the average gain of the other %d batches instead of their own.",
+            len(poor),
+            batch_key,
+            min_controls,
+            shown,
+            ", ..." if len(poor) > 5 else "",
+            int(fitted.sum()),
+        )
+    columns = np.cumsum(fitted) - 1  # column of each fitted batch
+    design = np.zeros((adata.n_obs, int(fitted.sum())))
+    own = fitted[batch.codes]
+    design[np.flatnonzero(own), columns[batch.codes[own]]] = 1.0
+    design[~own] = 1.0 / fitted.sum()
+    return design, fitted[batch.codes[sample]]
+
+
+def _clip_to_fitted(
+    design: np.ndarray, u: np.ndarray, v: np.ndarray, rows: np.ndarray, degree: int, batched: bool
+) -> np.ndarray:
+    """The design with positions outside the fitted controls' range moved onto its edge."""
+    lo_u, hi_u, lo_v, hi_v = u[rows].min(), u[rows].max(), v[rows].min(), v[rows].max()
+    cu, cv = np.clip(u, lo_u, hi_u), np.clip(v, lo_v, hi_v)
+    beyond = np.maximum(np.abs(cu - u), np.abs(cv - v)) > 0.1  # 5% of the tile side
+    if beyond.any():
+        logger.warning(
+            "%d cells lie more than 5%% of the tile beyond the positions of the fitted control "
+            "cells; they get the factor at the nearest fitted position.",
+            int(beyond.sum()),
+        )
+    if not (np.any(cu != u) or np.any(cv != v)):
+        return design
+    monomials = _monomials(cu, cv, degree)
+    out = design.copy()
+    if batched:
+        out[:, : monomials.shape[1] - 1] = monomials[:, 1:]
+    else:
+        out[:, : monomials.shape[1]] = monomials
+    return out
+
+
+def _check_factors(factors: np.ndarray, adata: AnnData, batch_key: str | None) -> None:
+    """A last guard: factors must be finite and within a factor 1e4 of the average cell."""
+    bad = ~np.isfinite(factors) | (factors < 1e-4) | (factors > 1e4)
+    if bad.any():
+        rows = bad.any(axis=1)
+        msg = (
+            f"The fitted intensity factors of {int(rows.sum())} cells are not usable (non-finite,"
+            f" or beyond 1e4 times the average cell; e.g. cells "
+            f"{adata.obs_names[rows][:3].tolist()}, range {np.nanmin(factors):.3g}-"
+            f"{np.nanmax(factors):.3g}). Check their positions and batch (.obs[{batch_key!r}]) "
+            "and their crops; a lower `degree` fits a smoother surface."
+        )
+        raise ValueError(msg)
 
 
 def apply_intensity_factors(

@@ -24,7 +24,7 @@ from mcvi_ops._constants import UNS
 from mcvi_ops.data import CropStore, linked_store, open_crops
 from mcvi_ops.data._link import crop_reference
 
-from ._segment import central_label, segment_cell, segment_nuclei
+from ._cp_objects import check_label_channel, objects
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +286,8 @@ def _configure(
             where = "label_store" if labels is not None else "the crop store"
             msg = f"Mask channel {name!r} ({role}) is not a channel of {where}: {mask_source}."
             raise KeyError(msg)
+        source = labels if labels is not None else store
+        check_label_channel(source, mask_source.index(name), name, role)
         return ("labels" if labels is not None else "image", mask_source.index(name))
 
     if isinstance(masks, Mapping):
@@ -448,7 +450,7 @@ def _process(indices: np.ndarray, config: _Config, stores=None) -> tuple[np.ndar
     cells = np.zeros_like(nuclei)
     for i in range(len(indices)):
         label_crop = None if label_crops is None else label_crops[i]
-        nuclei[i], cells[i] = _objects(pixels[i], crops[i], label_crop, config)
+        nuclei[i], cells[i] = objects(pixels[i], crops[i], label_crop, config)
     values = np.full((len(indices), len(config.columns)), np.nan, dtype=np.float32)
     position = {name: j for j, name in enumerate(config.columns)}
     with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -459,35 +461,6 @@ def _process(indices: np.ndarray, config: _Config, stores=None) -> tuple[np.ndar
                 values[rows, position[name]] = column
     missing = np.array([(~nuclei.any(axis=(1, 2))).sum(), (~cells.any(axis=(1, 2))).sum()])
     return values, missing
-
-
-# --- segmentation ----------------------------------------------------------------------------
-def _objects(pixels, crop, label_crop, config: _Config) -> tuple[np.ndarray, np.ndarray]:
-    """The central cell's nucleus and cell masks in one crop."""
-
-    def label_image(source: tuple[str, int]) -> np.ndarray:
-        image = (crop if source[0] == "image" else label_crop)[source[1]]
-        return (
-            np.rint(image).astype(np.int64) if image.dtype.kind == "f" else image.astype(np.int64)
-        )
-
-    if config.nuclei_mask is None:
-        nuclei_labels = segment_nuclei(pixels[config.nucleus_channel])
-    else:
-        nuclei_labels = label_image(config.nuclei_mask)
-    chosen = central_label(nuclei_labels)
-    nucleus = nuclei_labels == chosen if chosen else np.zeros(nuclei_labels.shape, dtype=bool)
-    if config.cells_mask is not None:
-        cell_labels = label_image(config.cells_mask)
-        overlap = cell_labels[nucleus]
-        overlap = overlap[overlap > 0]
-        cell_id = np.bincount(overlap).argmax() if overlap.size else central_label(cell_labels)
-        cell = cell_labels == cell_id if cell_id else np.zeros_like(nucleus)
-    elif not chosen:
-        cell = np.zeros_like(nucleus)
-    else:
-        cell = segment_cell(pixels, config.cell_channels, nuclei_labels, chosen)
-    return nucleus, cell
 
 
 def _measurements() -> tuple[dict, dict]:

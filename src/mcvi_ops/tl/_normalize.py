@@ -102,6 +102,7 @@ def normalize_to_controls(
         describe=(batch_key, perturbation_key, control_category),
     )
     key = f"{rep_label(use_rep)}_{method}" if key_added is None else key_added
+    _check_float32(out, adata.obs_names)
     adata.obsm[key] = out.astype(np.float32)
     names = (
         np.asarray(adata.var_names[keep], dtype=str)
@@ -122,12 +123,35 @@ def normalize_to_controls(
     return adata.obsm[key]
 
 
+def _check_float32(values: np.ndarray, obs_names) -> None:
+    """Refuse normalised values that float32 would turn into infinities."""
+    big = np.abs(values) > np.finfo(np.float32).max
+    if big.any():
+        rows, cols = np.nonzero(big)
+        msg = (
+            f"{int(big.sum())} normalised values exceed the float32 range (|x| > 3.4e38) and would "
+            f"be stored as infinite: cells {obs_names[np.unique(rows)][:3].tolist()}, output "
+            f"columns {np.unique(cols)[:5].tolist()}. These cells lie far outside the controls' "
+            "spread: check or drop them (or those features) first."
+        )
+        raise ValueError(msg)
+
+
 def _groups(adata, batch_key, perturbation_key, control_category):
     """Batch label of every cell and whether it is a control."""
     if batch_key is None:
         batches = np.zeros(adata.n_obs, dtype=str)
     else:
-        batches = check_obs_key(adata, batch_key, what="batch").astype(str).to_numpy()
+        column = check_obs_key(adata, batch_key, what="batch")
+        missing = column.isna().to_numpy()
+        if missing.any():
+            msg = (
+                f"{int(missing.sum())} cells have no batch in .obs[{batch_key!r}] (NaN, e.g. "
+                f"cells {adata.obs_names[missing][:3].tolist()}): they would be normalised as "
+                "one batch 'nan'. Fill in their batch, drop them, or pass `batch_key=None`."
+            )
+            raise ValueError(msg)
+        batches = column.astype(str).to_numpy()
     perturbation = check_obs_key(adata, perturbation_key, what="perturbation").astype(str)
     return batches, (perturbation == str(control_category)).to_numpy()
 
@@ -189,10 +213,16 @@ def _normalize(
 
 def _standardise(x: np.ndarray, rows: np.ndarray, controls: np.ndarray) -> np.ndarray:
     """Standardise ``x[rows]`` in place against ``x[controls]``; returns the usable features."""
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    with np.errstate(invalid="ignore", over="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN features are reported dropped
-        mean = np.nanmean(x[controls], axis=0)
-        sd = np.nanstd(x[controls], axis=0, ddof=1)
+        # moments of values scaled to [-1, 1]: squares of features near 1e200 would overflow
+        magnitude = np.nanmax(
+            np.abs(np.where(np.isfinite(x[controls]), x[controls], np.nan)), axis=0
+        )
+        scale = np.where(np.isfinite(magnitude) & (magnitude > 0), magnitude, 1.0)
+        scaled = x[controls] / scale
+        mean = np.nanmean(scaled, axis=0) * scale
+        sd = np.nanstd(scaled, axis=0, ddof=1) * scale
     bad = ~np.isfinite(sd) | (sd <= 0) | ~np.isfinite(mean)
     x[rows] = (x[rows] - np.where(bad, 0.0, mean)) / np.where(bad, 1.0, sd)
     return ~bad
