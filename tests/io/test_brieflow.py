@@ -248,3 +248,57 @@ def test_bad_inputs_say_what_to_fix(brieflow, tmp_path):
         read_brieflow(cells.assign(mapped_single_gene=False), tiff_root, tmp_path / "f")
     with pytest.raises(FileNotFoundError, match="merge_final"):
         read_brieflow(tmp_path, tiff_root, tmp_path / "g", channel_names=CHANNELS)
+
+
+# --- reliability v2 --------------------------------------------------------------------------
+def test_auto_crop_size_without_any_bounding_box_says_what_to_pass(brieflow, tmp_path):
+    tiff_root, _, cells, _ = brieflow
+    nan_bounds = cells.assign(**{f"cell_bounds_{i}": np.nan for i in range(4)})
+    with pytest.raises(ValueError, match="no finite values.*Pass crop_size as a number"):
+        read_brieflow(
+            nan_bounds, tiff_root, tmp_path / "a", channel_names=CHANNELS, crop_size="auto"
+        )
+
+
+def test_unreadable_or_inconsistent_tables_are_named(brieflow, tmp_path):
+    tiff_root, _, cells, _ = brieflow
+    half = len(cells) // 2
+    good, truncated = tmp_path / "P-1_W-A1__merge_final.parquet", tmp_path / "t.parquet"
+    cells.iloc[:half].to_parquet(good)
+    cells.iloc[half:].to_parquet(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"t\.parquet.*truncated or corrupt"):
+        read_brieflow([good, truncated], tiff_root, tmp_path / "a", channel_names=CHANNELS)
+    # a table without the perturbation column would give its cells NaN genes, silently
+    no_genes = tmp_path / "P-1_W-A2__merge_final.parquet"
+    cells.iloc[half:].drop(columns="gene_symbol_0").to_parquet(no_genes)
+    with pytest.raises(KeyError, match=r"1 of 2 .*lack the column 'gene_symbol_0'.*A2__merge"):
+        read_brieflow([good, no_genes], tiff_root, tmp_path / "b", channel_names=CHANNELS)
+
+
+def test_mapped_single_gene_stored_as_text_is_read_as_booleans(brieflow, tmp_path):
+    tiff_root, _, cells, _ = brieflow
+    text = cells.assign(mapped_single_gene=cells["mapped_single_gene"].map(str))  # "True"/"False"
+    adata = read_brieflow(
+        text, tiff_root, tmp_path / "a", channel_names=CHANNELS, crop_size=40, progress=False
+    )
+    n_false = int((~cells["mapped_single_gene"]).sum())
+    assert n_false > 0
+    assert adata.uns["brieflow"]["n_dropped_not_single_gene"] == n_false
+    with pytest.raises(ValueError, match=r"\['maybe'\].*single_gene_only=False"):
+        read_brieflow(
+            text.assign(mapped_single_gene="maybe"),
+            tiff_root,
+            tmp_path / "b",
+            channel_names=CHANNELS,
+        )
+
+
+@pytest.mark.parametrize("column, value", [("plate", ".."), ("tile", "../../../x"), ("plate", "")])
+def test_ome_zarr_paths_from_the_table_stay_in_the_tile_folder(brieflow, tmp_path, column, value):
+    _, zarr_root, cells, _ = brieflow
+    bad = cells.astype({column: object})
+    bad.loc[bad.index[0], column] = value
+    with pytest.raises(ValueError, match=f"{column} .*cannot be part of a file name"):
+        read_brieflow(bad, zarr_root, tmp_path / "a", crop_size=40, progress=False)
+    assert not (tmp_path / "a" / "crops.zarr").exists()

@@ -82,3 +82,45 @@ def test_bad_index_says_what_to_fix(crop_folder, tmp_path, channels):
         read_crop_folder(empty, tmp_path / "c", channel_names=channels, root=folder)
     with pytest.raises(ValueError, match="2 channel names"):
         read_crop_folder(index, tmp_path / "d", channel_names=["DNA", "PH3"], root=folder)
+
+
+# --- reliability v2: the options the messages advise exist; paths stay inside root ------------
+def test_nan_pixel_is_named_and_nonfinite_zero_imports_it(crop_folder, tmp_path, channels):
+    folder, index, crops = crop_folder
+    bad = crops[2].astype(np.float32)
+    bad[0, 3, 4] = np.nan
+    np.save(folder / "plate1" / "cell_002.npy", bad)
+    with pytest.raises(ValueError, match="cells 'cell_002'.*nonfinite='zero'"):
+        read_crop_folder(index, tmp_path / "a", channel_names=channels, root=folder)
+    adata = read_crop_folder(
+        index, tmp_path / "b", channel_names=channels, root=folder, nonfinite="zero"
+    )
+    assert adata.uns["import_crops"]["n_nonfinite_values"] == 1
+    assert get_crops(adata, ["cell_002"])[0, 0, 3, 4] == 0
+
+
+def test_truncated_file_is_named_and_on_error_skip_leaves_it_out(crop_folder, tmp_path, channels):
+    folder, index, _ = crop_folder
+    for name in ("cell_004.npy", "cell_005.tif"):
+        data = (folder / "plate1" / name).read_bytes()
+        (folder / "plate1" / name).write_bytes(data[: len(data) // 3])
+    with pytest.raises(OSError, match="cell_004.npy.*truncated.*on_error='skip'"):
+        read_crop_folder(index, tmp_path / "a", channel_names=channels, root=folder)
+    adata = read_crop_folder(
+        index, tmp_path / "b", channel_names=channels, root=folder, on_error="skip"
+    )
+    assert adata.n_obs == 8 and "cell_004" not in adata.obs_names
+    assert len(adata.uns["import_crops"]["skipped_files"]) == 2
+
+
+def test_relative_paths_cannot_leave_root(crop_folder, tmp_path, channels):
+    folder, index, _ = crop_folder
+    outside = tmp_path / "secret.npy"
+    np.save(outside, np.zeros((3, 40, 40), np.uint8))
+    escaping = index.copy()
+    escaping.loc[3, "path"] = "plate1/../../secret.npy"
+    with pytest.raises(ValueError, match="secret.npy.*outside its folder.*root="):
+        read_crop_folder(escaping, tmp_path / "a", channel_names=channels, root=folder)
+    # the same file named by its absolute path is read as given
+    escaping.loc[3, "path"] = str(outside)
+    assert read_crop_folder(escaping, tmp_path / "b", channel_names=channels, root=folder).n_obs

@@ -205,3 +205,49 @@ def test_pandas_string_columns_are_written(real_crops, tmp_path, channels):
     assert list(back.obs_names) == list(obs.index)
     assert list(back.obs["barcode"]) == list(obs["barcode"])
     assert list(back.obs["gene"]) == list(obs["gene"])
+
+
+def test_fractional_float_crops_are_never_rounded_into_an_integer_store(
+    real_crops, tmp_path, channels
+):
+    crops = real_crops[0][:8]
+    fractional = crops.astype(np.float32) / 255  # [0, 1]: uint16 would make them 0/1
+    for resize_to in (None, 20):
+        with pytest.raises(ValueError, match="fractional.*dtype='float32'"):
+            crops_from_array(
+                fractional,
+                tmp_path / f"a{resize_to}",
+                channel_names=channels,
+                dtype="uint16",
+                resize_to=resize_to,
+                progress=False,
+            )
+    # whole-number floats are exact in uint16; integer crops resized for uint16 are rounded back
+    whole = crops_from_array(
+        crops.astype(np.float32),
+        tmp_path / "b",
+        channel_names=channels,
+        dtype="uint16",
+        progress=False,
+    )
+    np.testing.assert_array_equal(get_crops(whole), crops)
+    resized = crops_from_array(
+        crops, tmp_path / "c", channel_names=channels, resize_to=20, progress=False
+    )
+    assert get_crops(resized).dtype == crops.dtype
+
+
+def test_a_second_writer_of_the_same_folder_is_refused(real_crops, tmp_path, channels):
+    import json
+    import socket
+
+    from mcvi_ops.data import StoreLockedError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # process 1 (always running) holds the folder's store lock
+    owner = {"pid": 1, "host": socket.gethostname(), "time": 0}
+    (out / "crops.zarr.lock").write_text(json.dumps(owner))
+    with pytest.raises(StoreLockedError, match="being written by process 1"):
+        crops_from_array(real_crops[0][:4], out, channel_names=channels, progress=False)
+    assert not (out / "cells.h5ad").exists() and not (out / "crops.zarr").exists()

@@ -155,3 +155,17 @@ def test_bad_inputs(cells, tmp_path):
     read_scportrait(path, tmp_path / "e", progress=False)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         read_scportrait(path, tmp_path / "e", progress=False)
+
+
+def test_nonfinite_pixels_are_named_and_can_be_zeroed(cells, tmp_path):
+    masks, images, ids = cells
+    images = images.copy()
+    images[3, 1, 5, 5] = np.nan
+    images[4, 0, 0, 0] = np.inf
+    path = tmp_path / "single_cells.h5sc"
+    write_h5sc(path, masks, images, ids)
+    with pytest.raises(ValueError, match="2 crops hold NaN.*'3', '4'.*nonfinite='zero'"):
+        read_scportrait(path, tmp_path / "a", progress=False)
+    adata = read_scportrait(path, tmp_path / "b", nonfinite="zero", progress=False)
+    assert adata.uns["import_crops"]["n_nonfinite_values"] == 2
+    assert np.isfinite(get_crops(adata)).all()

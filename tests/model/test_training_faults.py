@@ -208,3 +208,39 @@ def test_extreme_pixels_in_controls_do_not_collapse_the_embedding(screen, tmp_pa
         latent = model.get_latent_representation(indices=clean_cells, kind="background")
         spreads.append(latent.std(axis=0).mean())
     assert spreads[1] > 0.5 * spreads[0]
+
+
+# --- reliability v2 --------------------------------------------------------------------------
+def test_ckpt_path_of_a_saved_model_says_what_to_do(screen, tmp_path):
+    model = _model(screen)
+    model.train(**FAST_TRAIN)
+    model.save(tmp_path / "model")
+    for path in (tmp_path / "model" / "model.pt", tmp_path / "renamed.ckpt"):
+        if not path.exists():
+            path.write_bytes((tmp_path / "model" / "model.pt").read_bytes())
+        with pytest.raises(ValueError, match=r"is not a training checkpoint.*MCVAE.load\(folder"):
+            _model(screen).train(**FAST_TRAIN, ckpt_path=path)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_last_one_kept(
+    screen, tmp_path, monkeypatch
+):
+    folder = tmp_path / "run"
+    model = _model(screen)
+    model.train(**FAST_TRAIN, checkpoint_dir=folder)
+    before = (folder / "last.ckpt").read_bytes()
+
+    def too_large(self, filepath, *args, **kwargs):
+        with open(filepath, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", too_large)
+    model = _model(screen)
+    with pytest.raises(
+        OSError, match=r"last.ckpt'.*File too large.*previous checkpoint.*unchanged"
+    ):
+        model.train(**FAST_TRAIN, checkpoint_dir=folder)
+    assert (folder / "last.ckpt").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    assert "validation_loss" in model.history  # the history so far is kept

@@ -91,7 +91,8 @@ def cli_wording(text: str, parser: argparse.ArgumentParser) -> str:
     """Name the command's flags where a library message names the Python keyword.
 
     ``overwrite=True`` (or ``overwrite=True (--overwrite)``) becomes ``--overwrite`` when the
-    command has that flag, and `` `max_epochs=` `` becomes ``--max-epochs``.
+    command has that flag, ``on_error='skip'`` becomes ``--on-error skip`` for an option with
+    choices, and `` `max_epochs=` `` becomes ``--max-epochs``.
     """
     for action in parser._actions:
         flags = [s for s in action.option_strings if s.startswith("--")]
@@ -100,6 +101,8 @@ def cli_wording(text: str, parser: argparse.ArgumentParser) -> str:
         flag, dest = flags[0], action.dest
         if isinstance(action, argparse._StoreTrueAction):
             text = re.sub(rf"`?\b{dest}=True`?(?: \({re.escape(flag)}\))?", flag, text)
+        elif action.choices is not None:  # on_error='skip' -> --on-error skip
+            text = re.sub(rf"`?\b{dest}='([^']*)'`?", rf"{flag} \1", text)
         text = re.sub(rf"`{dest}=`", f"`{flag}`", text)
     return text
 

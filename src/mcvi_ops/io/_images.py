@@ -69,7 +69,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except (OSError, ValueError, EOFError, IndexError, KeyError, TypeError) as err:
         msg = (
             f"Cannot read the image file {path!r}: {type(err).__name__}: {err}. It may be corrupt "
-            "or truncated (e.g. an interrupted copy); replace it, or skip it with on_error='skip'."
+            "or truncated (e.g. an interrupted copy); replace it, or leave it out (extract_crops, "
+            "crops_from_files and read_crop_folder skip such files with on_error='skip')."
         )
         raise UnreadableImageError(msg) from err
 

@@ -581,12 +581,20 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
             )
 
     @staticmethod
-    def load_registry(dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
-        """The registry (set-up arguments and field states) saved with a model, read safely."""
-        return _save_load.load_registry(dir_path, prefix=prefix)
+    def load_registry(
+        dir_path: str | os.PathLike, prefix: str | None = None, *, weights_only: bool = True
+    ) -> dict:
+        """The registry (set-up arguments and field states) saved with a model, read safely.
+
+        ``weights_only=False`` trusts the file entirely (as :meth:`load`).
+        """
+        return _save_load.load_registry(dir_path, prefix=prefix, weights_only=weights_only)
 
     @staticmethod
-    def view_setup_args(dir_path: str | os.PathLike, prefix: str | None = None) -> None:
-        """Print the arguments a saved model was set up with."""
+    def view_setup_args(
+        dir_path: str | os.PathLike, prefix: str | None = None, *, weights_only: bool = True
+    ) -> None:
+        """Print the arguments a saved model was set up with (``weights_only`` as :meth:`load`)."""
         importlib.import_module("rich.pretty")  # see `view_anndata_setup`
-        AnnDataManager.view_setup_method_args(_save_load.load_registry(dir_path, prefix=prefix))
+        registry = _save_load.load_registry(dir_path, prefix=prefix, weights_only=weights_only)
+        AnnDataManager.view_setup_method_args(registry)

@@ -161,8 +161,10 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: Any = None) -> Any
             "built with custom encoder or decoder networks), pass `weights_only=False`."
         )
         raise UnsafeModelFileError(msg) from None
-    except (EOFError, zipfile.BadZipFile, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and "zip" not in str(err).lower():
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError) as err:
+        if isinstance(err, FileNotFoundError | PermissionError) or (
+            isinstance(err, RuntimeError) and "zip" not in str(err).lower()
+        ):
             raise
         msg = (
             f"{str(path)!r} cannot be read ({type(err).__name__}: {err or 'unexpected end'}): it "
