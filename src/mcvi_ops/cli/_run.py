@@ -38,20 +38,31 @@ def output_lock(target: Path, *, folder: bool):
     return lock.acquire()
 
 
-def screen_fingerprint(adata, columns: list[str]) -> str:
-    """A hash of the cells a run trains on: their names, labels and crops (store and index)."""
+def _digest(table, extra: list) -> str:
+    import pandas as pd
+
+    digest = hashlib.sha256(pd.util.hash_pandas_object(table, index=True).to_numpy().tobytes())
+    digest.update(json.dumps(extra).encode())
+    return digest.hexdigest()
+
+
+def screen_fingerprint(adata, columns: list[str]) -> dict[str, str]:
+    """Hashes of the cells a run trains on (names and crops) and of their labels (``columns``)."""
     import pandas as pd
 
     from mcvi_ops.data._link import crop_reference
 
     reference = crop_reference(adata)
-    table = pd.DataFrame(
+    cells = pd.DataFrame(
+        {"crop": adata.obs[reference["index_key"]].to_numpy()}, index=adata.obs_names
+    )
+    labels = pd.DataFrame(
         {c: adata.obs[c].astype(str).to_numpy() for c in columns}, index=adata.obs_names
     )
-    table["_crop"] = adata.obs[reference["index_key"]].to_numpy()
-    digest = hashlib.sha256(pd.util.hash_pandas_object(table, index=True).to_numpy().tobytes())
-    digest.update(json.dumps([adata.n_obs, str(reference.get("store_id"))]).encode())
-    return digest.hexdigest()
+    return {
+        "cells": _digest(cells, [adata.n_obs, str(reference.get("store_id"))]),
+        "labels": _digest(labels, columns),
+    }
 
 
 def read_record(out: Path) -> dict[str, Any] | None:
@@ -90,9 +101,9 @@ def clear_checkpoints(folder: Path) -> None:
 
 
 def check_resumable(
-    record: dict[str, Any] | None, fingerprint: str, options: dict, out: Path
+    record: dict[str, Any] | None, fingerprint: dict[str, str], options: dict, out: Path
 ) -> None:
-    """Refuse to resume a run of another screen or other set-up options."""
+    """Refuse to resume a run of other cells, other set-up options or other labels."""
     if record is None:
         logger.warning(
             "%s has no run record (%s); cannot check that --resume continues a run of the same "
@@ -101,7 +112,8 @@ def check_resumable(
             RUN_NAME,
         )
         return
-    if record.get("screen") != fingerprint:
+    screen = record.get("screen") or {}
+    if screen.get("cells") != fingerprint["cells"]:
         msg = (
             f"The checkpoints in {str(out)!r} belong to a run on other cells "
             f"({record.get('cells', '?')}, {record.get('n_cells', '?')} cells), not these: "
@@ -109,11 +121,8 @@ def check_resumable(
             "a new run here, or another --out (or the cells of that run with --resume)."
         )
         raise ValueError(msg)
-    differing = {
-        k: (record.get("options", {}).get(k), options[k])
-        for k in SETUP_OPTIONS
-        if record.get("options", {}).get(k) != options[k]
-    }
+    saved = record.get("options", {})
+    differing = {k: (saved.get(k), options[k]) for k in SETUP_OPTIONS if saved.get(k) != options[k]}
     if differing:
         shown = ", ".join(
             f"--{k.replace('_', '-')} {new!r} (run: {old!r})" for k, (old, new) in differing.items()
@@ -123,8 +132,15 @@ def check_resumable(
             "run's options, or pass --overwrite to start a new run."
         )
         raise ValueError(msg)
+    if screen.get("labels") != fingerprint["labels"]:
+        msg = (
+            f"The cells of the run in {str(out)!r} carry other perturbation or batch labels now "
+            "than when it was trained; resuming would train on mixed labels. Pass --overwrite to "
+            "start a new run with the new labels."
+        )
+        raise ValueError(msg)
     for key in TRAINING_OPTIONS:
-        old = record.get("options", {}).get(key)
+        old = saved.get(key)
         if old is not None and old != options[key]:
             logger.warning(
                 "Resuming with --%s %s where the run used %s: the result will differ from an "

@@ -351,13 +351,18 @@ def _train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     # per-epoch logs only (a model may keep other tables in its history)
     per_epoch = [v for v in model.history.values() if pd.api.types.is_integer_dtype(v.index)]
-    history = pd.concat(per_epoch, axis=1).rename_axis("epoch")
+    history = (
+        pd.concat(per_epoch, axis=1) if per_epoch else pd.DataFrame(index=pd.RangeIndex(0))
+    ).rename_axis("epoch")
     epochs = len(history)
-    if resume is not None and (out / HISTORY_NAME).is_file() and epochs:
+    if resume is not None and (out / HISTORY_NAME).is_file():
         # a resumed run's history starts at the checkpoint; keep the epochs before it
         before = pd.read_csv(out / HISTORY_NAME, index_col="epoch")
-        history = pd.concat([before[before.index < history.index.min()], history])
+        if epochs:
+            before = before[before.index < history.index.min()]
+        history = pd.concat([before, history])
     if getattr(model, "_stopped_by_interrupt", False):
+        _write_history(history, out)  # the losses so far, for the resumed run
         _run.write_record(
             out, {**base, "options": options, "status": "interrupted", "epochs": len(history)}
         )
@@ -396,13 +401,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _write_outputs(model, adata, history, out: Path) -> None:
     """The model, the losses and the embedded cells, each replacing the earlier one atomically."""
-    from mcvi_ops.data._files import atomic_path
     from mcvi_ops.data._link import write_h5ad
 
     model.save(str(out / MODEL_DIR), overwrite=True, save_anndata=False)
+    _write_history(history, out)
+    write_h5ad(adata, out / SCREEN_NAME)
+
+
+def _write_history(history, out: Path) -> None:
+    from mcvi_ops.data._files import atomic_path
+
     with atomic_path(out / HISTORY_NAME) as tmp:
         history.to_csv(tmp)
-    write_h5ad(adata, out / SCREEN_NAME)
 
 
 def run_embed(args: argparse.Namespace) -> int:

@@ -351,8 +351,8 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         adata = self._validate_anndata(adata)
         n_rows = adata.n_obs if indices is None else len(np.asarray(indices).reshape(-1))
         if n_rows == 0:
-            # scvi-tools finds no manager for an AnnData without rows (it is falsy); the
-            # training manager gives a minibatch of the same layout
+            # scvi-tools finds no manager for an AnnData without rows (it is falsy); the model's
+            # own manager has the same fields
             return NoCellsLoader(self.adata_manager)
         with self._progress(progress_bar, description):
             return self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)

@@ -10,6 +10,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from tqdm.auto import tqdm
 
+from mcvi_ops._constants import CROP_INDEX_KEY, IMAGE_KEY
 from mcvi_ops.dataloaders import CropDataLoader
 from mcvi_ops.train._callbacks import check_finite_batch
 
@@ -99,6 +100,18 @@ class NoCellsLoader:
         return 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        from mcvi_ops.dataloaders import CropDataset
-
-        yield CropDataset(self._manager, cache_chunks=0)[self.indices]
+        manager = self._manager
+        height, width = manager.get_state_registry(IMAGE_KEY)["crop_size"]
+        n_channels = len(manager.get_state_registry(IMAGE_KEY)["channel_names"])
+        batch = {
+            REGISTRY_KEYS.X_KEY: torch.zeros((0, n_channels, int(height), int(width))),
+            CROP_INDEX_KEY: torch.zeros((0, 1), dtype=torch.int64),
+        }
+        for key in manager.data_registry:
+            if key in (IMAGE_KEY, REGISTRY_KEYS.X_KEY):
+                continue
+            values = np.asarray(manager.get_from_registry(key))
+            columns = values.shape[1] if values.ndim == 2 else 1
+            dtype = torch.int64 if values.dtype.kind in "iub" else torch.float32
+            batch[key] = torch.zeros((0, columns), dtype=dtype)
+        yield batch

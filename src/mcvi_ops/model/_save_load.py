@@ -301,19 +301,26 @@ def check_registry(registry: Any, path: Path, *, image_key: str) -> dict:
 
 
 def initialize(cls, adata, registry: dict, attr_dict: dict, path: Path):
-    """Build the model from its saved init parameters, naming those this version refuses."""
-    from scvi.model.base._save_load import _initialize_model
+    """Build the model from its saved init parameters, naming those this version refuses.
 
-    init_params = attr_dict.get("init_params_", {})
+    As scvi-tools' ``_initialize_model``, except that an AnnData without rows is kept (it is
+    falsy, and scvi-tools would build the model without data).
+    """
+    init_params = attr_dict.pop("init_params_", None)
+    if not isinstance(init_params, dict) or "non_kwargs" not in init_params:
+        msg = (
+            f"{str(path)!r} holds no init parameters in the format of this version (a model "
+            "saved by another version of mcvi-ops). Load it with the version that saved it, or "
+            "train a new model."
+        )
+        raise ValueError(msg)
+    non_kwargs = dict(init_params["non_kwargs"])
+    kwargs = {k: v for group in init_params["kwargs"].values() for k, v in group.items()}
     token = LOADING.set(True)
     try:
-        return _initialize_model(cls, adata, registry, attr_dict, None)
+        model = cls(adata, **non_kwargs, **kwargs)
     except TypeError as err:
-        saved = {
-            k: v
-            for group in ("non_kwargs", "kwargs")
-            for k, v in (init_params.get(group) or {}).items()
-        }
+        saved = {**non_kwargs, **kwargs}
         msg = (
             f"{str(path)!r} holds a {cls.__name__} saved with parameters {sorted(saved)} that this "
             f"version of mcvi-ops does not take ({err}); it was saved by another version. Load it "
@@ -322,6 +329,9 @@ def initialize(cls, adata, registry: dict, attr_dict: dict, path: Path):
         raise TypeError(msg) from err
     finally:
         LOADING.reset(token)
+    for name, value in attr_dict.items():
+        setattr(model, name, value)
+    return model
 
 
 def match_state_dict(model, state_dict: dict, registry: dict, adata, path: Path) -> dict:
