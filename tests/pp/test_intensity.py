@@ -107,3 +107,62 @@ def test_statistics_stream_in_blocks_and_match_for_float_crops(screen, tmp_path,
         np.testing.assert_allclose(background, np.percentile(flat, 1.0, axis=-1))
         expected = np.percentile(crops.transpose(1, 0, 2, 3).reshape(4, -1), 0.5, axis=1)
         np.testing.assert_allclose(dark, expected, rtol=1e-6)
+
+
+# --- reliability v2: never factors of ~0 or inf ------------------------------------------------
+def _controls_of(adata, batch):
+    return np.flatnonzero(
+        (adata.obs["gene_symbol"] == "nontargeting").to_numpy()
+        & (adata.obs["batch"].astype(str) == batch).to_numpy()
+    )
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_a_batch_with_too_few_controls_gets_the_average_gain(screen, caplog, keep):
+    batch = sorted(screen.obs["batch"].astype(str).unique())[0]
+    controls = _controls_of(screen, batch)
+    adata = screen[np.setdiff1d(np.arange(screen.n_obs), controls[keep:])].copy()
+    with caplog.at_level("WARNING", logger="mcvi_ops"):
+        factors = estimate_intensity_factors(adata, batch_key="batch")
+    assert f"'{batch}': {keep}" in caplog.text and "average gain" in caplog.text
+    in_batch = (adata.obs["batch"].astype(str) == batch).to_numpy()
+    others = factors[~in_batch].mean(axis=0)
+    # the batch is on the average gain (with its own positions), never near 0 or inf
+    np.testing.assert_allclose(factors[in_batch].mean(axis=0), others, rtol=0.25)
+    assert np.isfinite(factors).all() and factors.min() > 0.1 and factors.max() < 10
+
+
+def test_positions_outside_the_tile_and_bad_options_are_refused(screen):
+    adata = screen.copy()
+    tile = adata.uns["synthetic_screen"]["tile_size"]
+    adata.obs["cell_i"] = adata.obs["cell_i"] * 3  # positions in another unit, e.g. 3x
+    with pytest.raises(ValueError, match=r"cells lie outside the tile \[0, .*Pass `tile_size=`"):
+        estimate_intensity_factors(adata, batch_key="batch")
+    with pytest.raises(ValueError, match="outside the tile"):
+        estimate_intensity_factors(screen, tile_size=tile / 4)
+    for option, value in (("max_cells", 0), ("tile_size", 0), ("min_batch_controls", 0)):
+        with pytest.raises(ValueError, match=f"`{option}` must be"):
+            estimate_intensity_factors(screen, **{option: value})
+
+
+def test_nan_batch_labels_are_refused(screen):
+    adata = screen.copy()
+    batch = adata.obs["batch"].astype(object)
+    batch.iloc[:4] = np.nan
+    adata.obs["batch"] = batch
+    with pytest.raises(ValueError, match=r"4 cells have no batch.*'nan'.*batch_key=None"):
+        estimate_intensity_factors(adata, batch_key="batch")
+
+
+def test_cells_beyond_the_fitted_controls_get_the_edge_factor(screen, caplog):
+    adata = screen.copy()
+    controls = (adata.obs["gene_symbol"] == "nontargeting").to_numpy()
+    corner = ~controls & (adata.obs["cell_i"] > 0).to_numpy()
+    # controls only in the top half of the tile; perturbed cells at the bottom edge
+    tile = adata.uns["synthetic_screen"]["tile_size"]
+    adata.obs.loc[controls, "cell_i"] = adata.obs.loc[controls, "cell_i"] % (tile / 2)
+    adata.obs.loc[corner, "cell_i"] = tile - 1
+    with caplog.at_level("WARNING", logger="mcvi_ops"):
+        factors = estimate_intensity_factors(adata)
+    assert "beyond the positions of the fitted control cells" in caplog.text
+    assert np.isfinite(factors).all() and 0.1 < factors.min() and factors.max() < 10
