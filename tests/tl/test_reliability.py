@@ -75,3 +75,17 @@ def test_a_float_intensity_channel_is_not_taken_as_masks(nuclei):
         nuclei, masks="labels", families="sizeshape", n_jobs=1, progress=False
     )
     assert np.isfinite(features.X).any()
+
+
+def test_features_beyond_float32_are_reported(nuclei, caplog):
+    with caplog.at_level(logging.WARNING, logger="mcvi_ops"):
+        features = cellprofiler_features(
+            nuclei,
+            masks="labels",
+            families="intensity",
+            intensity_scale=1e-40,  # pixels of 1e40: integrated intensities overflow float32
+            n_jobs=1,
+            progress=False,
+        )
+    assert "exceed the float32 range" in caplog.text and "stored as infinite" in caplog.text
+    assert np.isinf(features.X).any()

@@ -80,6 +80,23 @@ def _simulate(out: Path, *, n_cells: int, n_genes: int, crop_size: int, seed: in
     return adata
 
 
+def _locked(command):
+    """Run ``command(args)`` holding the lock of ``args.out`` (one writer per output folder)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from ._run import output_lock
+
+        lock = output_lock(args.out, folder=True)
+        try:
+            return command(args)
+        finally:
+            lock.release()
+
+    run.__doc__ = command.__doc__
+    return run
+
+
+@_locked
 def run_simulate(args: argparse.Namespace) -> int:
     """Simulate a screen and write it to ``args.out``."""
     adata = _simulate(
@@ -90,7 +107,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
     )
-    adata.write_h5ad(args.out / "screen.h5ad")
+    from mcvi_ops.data._link import write_h5ad
+
+    write_h5ad(adata, args.out / "screen.h5ad")
     print(f"Wrote {args.out / 'screen.h5ad'}")
     return 0
 
@@ -102,6 +121,7 @@ def _umaps(adata, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     from mcvi_ops import pl
+    from mcvi_ops.data._files import atomic_path
 
     paths = []
     reps = ("X_mcvae_salient", "X_mcvae_background")
@@ -111,17 +131,21 @@ def _umaps(adata, out: Path) -> list[Path]:
         fig.suptitle(f"MCVAE latent spaces coloured by {color}")
         fig.tight_layout()
         path = out / f"umap_{color}.png"
-        fig.savefig(path, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         paths.append(path)
     return paths
 
 
+@_locked
 def run(args: argparse.Namespace) -> int:
     """Simulate, train, embed, plot and score; see ``mcvi-ops demo --help``."""
     import scvi
 
     from mcvi_ops import MCVAE, metrics, pp
+    from mcvi_ops.data._files import atomic_path
+    from mcvi_ops.data._link import write_h5ad
 
     total = time.perf_counter()
     out: Path = args.out
@@ -158,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         salient_background={"X_mcvae": ("X_mcvae_salient", "X_mcvae_background")},
     )
     table = scores.pivot(index="representation", columns="metric", values="value")
-    table.to_csv(out / "scores.csv")
+    with atomic_path(out / "scores.csv") as tmp:
+        table.to_csv(tmp)
     print("Scores against the simulation's ground truth:")
     print(table.round(3).to_string())
     model.save(out / "model", overwrite=True)
@@ -169,9 +194,10 @@ def run(args: argparse.Namespace) -> int:
     for key in list(adata.obsp):
         del adata.obsp[key]
     if args.format == "h5ad":
-        adata.write_h5ad(out / name)
+        write_h5ad(adata, out / name)
     else:
-        adata.write_zarr(out / name)
+        with atomic_path(out / name, folder=True) as tmp:
+            adata.write_zarr(tmp)
     print(f"Wrote {out / name} and {out / 'model'}")
     print(f"Done in {time.perf_counter() - total:.0f} s")
     return 0

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mcvi_ops.data import CropWriter
+from mcvi_ops.data._files import atomic_path
 from mcvi_ops.data._lock import StoreLock
 from mcvi_ops.data._store import IncompleteStoreError, open_crops
 
@@ -161,13 +162,11 @@ class RunFolder:
         return writer
 
     def _rewrite_log(self) -> None:
-        tmp = self.log_path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
+        with atomic_path(self.log_path) as tmp, tmp.open("w") as fh:
             for item in (self.header, *self.records):
                 fh.write(json.dumps(item) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.log_path)
 
     # --- running ------------------------------------------------------------------------
     def commit(self, writer: CropWriter, crops: np.ndarray, record: dict[str, Any]) -> None:
@@ -189,7 +188,9 @@ class RunFolder:
             "stop": stop,
             **record,
         }
-        with self.log_path.open("a") as fh:
+        # O_NOFOLLOW: a link planted at the log's path is never written through
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(self.log_path, flags), "a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -54,6 +54,7 @@ _DROPPED = re.compile(
 _TRAILING_PARAMS = re.compile(r"^(?P<head>.*?)(?P<params>(?:_\d+(?:of\d+)?)*)$")
 _PAD = 2  # background pixels between crops in a measurement mosaic, so objects never touch
 _COSTES_SCALE = 255
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _STORES: dict[str, CropStore] = {}  # per-process cache of opened stores (workers reuse them)
 
 
@@ -215,7 +216,7 @@ def cellprofiler_features(
         logger.info("The crop store lives in this process's memory; measuring in one process.")
         n_workers = 1
     values = np.full((unique.size, len(columns)), np.nan, dtype=np.float32)
-    missing = np.zeros(2, dtype=np.int64)
+    missing = np.zeros(3, dtype=np.int64)  # no nucleus, no cell, values beyond float32
     from tqdm.auto import tqdm
 
     with tqdm(
@@ -226,7 +227,13 @@ def cellprofiler_features(
             missing += n_missing
             bar.update(block.shape[0])
 
-    for name, count in zip(OBJECTS, missing, strict=True):
+    if missing[2]:
+        logger.warning(
+            "%d feature values exceed the float32 range (|x| > 3.4e38) and are stored as "
+            "infinite; check those cells' crops or leave the features out before normalising.",
+            missing[2],
+        )
+    for name, count in zip(OBJECTS, missing[:2], strict=True):
         if count:
             logger.warning(
                 "%d of %d crops have no %s (empty mask); their %s_* features are NaN.",
@@ -456,10 +463,14 @@ def _process(indices: np.ndarray, config: _Config, stores=None) -> tuple[np.ndar
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         slots = indices % config.chunk_cells
+        n_overflow = 0
         for name, (rows, column) in _measure(pixels, nuclei, cells, slots, config).items():
             if name in position:  # always, as every batch has the same measurements
+                n_overflow += int((np.abs(column) > _FLOAT32_MAX).sum())  # inf in float32
                 values[rows, position[name]] = column
-    missing = np.array([(~nuclei.any(axis=(1, 2))).sum(), (~cells.any(axis=(1, 2))).sum()])
+    missing = np.array(
+        [(~nuclei.any(axis=(1, 2))).sum(), (~cells.any(axis=(1, 2))).sum(), n_overflow]
+    )
     return values, missing
 
 
