@@ -244,6 +244,11 @@ def test_library_hints_name_the_flags():
         "pass --overwrite to replace it"
     )
     assert cli_wording("pass `tile_key=`", commands["simulate"]) == "pass `tile_key=`"
+    text = "skip it with on_error='skip', or pass nonfinite='zero'"
+    assert (
+        cli_wording(text, commands["crop"])
+        == "skip it with --on-error skip, or pass --nonfinite zero"
+    )
 
 
 def test_help_is_light_and_errors_from_the_shell():
