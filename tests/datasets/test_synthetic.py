@@ -341,6 +341,29 @@ def test_affected_follows_efficiency_and_penetrance(screen):
     assert 0 < sub["affected"].mean() < 1
 
 
+def test_hard_screen_has_weaker_effects_and_stronger_artefacts():
+    standard = synthetic_screen(n_cells=1500, seed=3)
+    hard = synthetic_screen(n_cells=1500, seed=3, difficulty="hard")
+    truth_s, truth_h = standard.uns["ground_truth"], hard.uns["ground_truth"]
+    assert (truth_h["effect"] == "none").mean() == pytest.approx(0.5, abs=0.02)
+    assert (truth_s["effect"] == "none").mean() == pytest.approx(0.3, abs=0.02)
+    with_effect = truth_h["effect"] != "none"
+    assert truth_h.loc[with_effect, "penetrance"].max() <= 0.6 * 0.95 + 1e-9
+    assert truth_h.loc[with_effect, "strength"].max() <= 0.6 + 1e-9
+    # per-well gains spread twice as far (log-normal sd 0.3 instead of 0.15)
+    assert hard.uns["synthetic_screen"]["gain_log_sd"] == pytest.approx(0.3)
+    assert standard.uns["synthetic_screen"]["gain_log_sd"] == pytest.approx(0.15)
+    assert np.log(hard.uns["synthetic_screen"]["channel_gains"]).std() > 0.2
+    assert hard.uns["synthetic_screen"]["vignetting"] == pytest.approx(0.9)
+    assert hard.uns["synthetic_screen"]["difficulty"] == "hard"
+    # fewer affected cells among the cells of genes with an effect
+    affected = {
+        name: a.obs["affected"][a.obs["effect_kind"].isin(["shift", "novel"])].mean()
+        for name, a in (("standard", standard), ("hard", hard))
+    }
+    assert affected["hard"] < 0.75 * affected["standard"]
+
+
 # --- persistence ------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
 def test_ground_truth_survives_writing(screen, tmp_path, fmt):
@@ -377,6 +400,7 @@ def test_ground_truth_survives_writing(screen, tmp_path, fmt):
         ({"n_wells": 400}, ValueError, "at most 384"),
         ({"batch_size": 0}, ValueError, "`batch_size`"),
         ({"chunk_cells": 0}, ValueError, "`chunk_cells`"),
+        ({"difficulty": "easy"}, ValueError, "`difficulty` must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

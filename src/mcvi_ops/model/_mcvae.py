@@ -13,11 +13,12 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
-from mcvi_ops._constants import OBSM, PERTURBATION_KEY
+from mcvi_ops._constants import CONTROL_CODE, OBSM, PERTURBATION_KEY
 from mcvi_ops.module import MultiContrastiveVAE
 
 from ._base import BaseImageModel
 from ._distributed import outputs_on_devices
+from ._health import latent_activity, warn_if_collapsed
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +200,69 @@ class MCVAE(BaseImageModel):
             for written in ("salient", "background", "both") if kind == "both" else (kind,):
                 self._write_obsm(target, _OBSM_KEYS[written], np.ascontiguousarray(parts[written]))
         return latent
+
+    def get_latent_activity(
+        self, adata: AnnData | None = None, *, n_cells: int = 2_000, seed: int = 0
+    ) -> pd.DataFrame:
+        """How alive the salient and background latents are on perturbed cells.
+
+        A contrastive model whose salient latent has *collapsed* (every cell encoded at about the
+        same ``s``) keeps every perturbation effect in the background latent, and the split into
+        salient and background does not work. :meth:`train` computes this table at its end,
+        stores it in ``model.history["latent_activity"]`` and warns when the salient latent has
+        collapsed.
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the training data (default: the training data).
+        n_cells
+            Most perturbed cells to embed (a random sample).
+        seed
+            Seed of the sample.
+
+        Returns
+        -------
+        DataFrame indexed by ``"salient"`` and ``"background"`` with the columns ``n_dims``,
+        ``active_dims`` (dimensions whose posterior mean varies across perturbed cells with
+        variance above 0.01), ``mean_variance``, ``variance_ratio`` (to the background's) and
+        ``collapsed`` (salient: ratio below 0.05 or no active dimension).
+
+        Examples
+        --------
+        >>> model.get_latent_activity()  # doctest: +SKIP
+                    n_dims  active_dims  mean_variance  variance_ratio  collapsed
+        latent
+        salient         32           30           0.61            0.35      False
+        background      32           32           1.74            1.00      False
+        """
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        codes = np.asarray(manager.get_from_registry(PERTURBATION_KEY)).reshape(-1)
+        perturbed = np.flatnonzero(codes != CONTROL_CODE)
+        if len(perturbed) == 0:
+            msg = "No perturbed cells to measure the latents on; pass an AnnData that has some."
+            raise ValueError(msg)
+        if len(perturbed) > n_cells:
+            rng = np.random.default_rng(seed)
+            perturbed = np.sort(rng.choice(perturbed, n_cells, replace=False))
+        both = self.get_latent_representation(adata, perturbed, kind="both", progress_bar=False)
+        n_salient = self.module.n_salient_latent
+        return latent_activity(both[:, :n_salient], both[:, n_salient:])
+
+    def _after_training(self) -> None:
+        activity = self.get_latent_activity()
+        if isinstance(self.history_, dict):
+            self.history_["latent_activity"] = activity
+        module = self.module
+        warn_if_collapsed(
+            activity,
+            hint=(
+                f"Lower `wasserstein_penalty` (now {module.wasserstein_penalty:g}) or raise "
+                f"`classification_weight` (now {module.classification_weight:g}) in MCVAE(...), "
+                "or train longer."
+            ),
+        )
 
     def get_perturbation_priors(self) -> pd.DataFrame:
         """The learned prior means of each perturbation.

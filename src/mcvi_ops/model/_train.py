@@ -295,7 +295,7 @@ class ImageTrainingMixin(UnsupervisedTrainingMixin):
         )
         trainer_kwargs["enable_progress_bar"] = enable_progress_bar
         trainer_kwargs["simple_progress_bar"] = False
-        return super().train(
+        super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -306,6 +306,10 @@ class ImageTrainingMixin(UnsupervisedTrainingMixin):
             ckpt_path=None if ckpt_path is None else str(ckpt_path),
             **trainer_kwargs,
         )
+        self._after_training()
+
+    def _after_training(self) -> None:
+        """Checks of the trained model (each model class adds its own)."""
 
     def _training_callbacks(
         self,

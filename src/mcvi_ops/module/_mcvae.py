@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
+from scvi.module import Classifier
 from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 from torch.distributions import Normal, kl_divergence
@@ -77,6 +79,12 @@ class MultiContrastiveVAE(BaseImageVAE):
         n_background_latent: int = 32,
         prior: PriorKind = "both",
         wasserstein_penalty: float = 1000.0,
+        classification_weight: float = 0.0,
+        classify_controls: bool = True,
+        classifier_input: Literal["salient", "both"] = "salient",
+        anneal_wasserstein: bool = False,
+        salient_kl_weight: float = 1.0,
+        background_kl_weight: float = 1.0,
         encoder_filters: Sequence[int] = (16, 32, 64, 128, 128),
         decoder_filters: Sequence[int] = (128, 128, 64, 32, 16),
         likelihood_scale: float = 0.1,
@@ -104,6 +112,24 @@ class MultiContrastiveVAE(BaseImageVAE):
         self.n_background_latent = n_background_latent
         self.prior = prior
         self.wasserstein_penalty = wasserstein_penalty
+        self.classification_weight = float(classification_weight)
+        self.classify_controls = bool(classify_controls)
+        self.classifier_input = classifier_input
+        self.anneal_wasserstein = bool(anneal_wasserstein)
+        self.salient_kl_weight = float(salient_kl_weight)
+        self.background_kl_weight = float(background_kl_weight)
+        # a linear read-out of the perturbation from the salient posterior mean
+        self.classifier = (
+            Classifier(
+                n_salient_latent + (n_background_latent if classifier_input == "both" else 0),
+                n_hidden=0,
+                n_labels=n_perturbations,
+                n_layers=0,
+                logits=True,
+            )
+            if classification_weight > 0
+            else None
+        )
         self.background_encoder = background_encoder or ConvEncoder(
             n_channels, n_background_latent, crop_size=self.crop_size, n_filters=encoder_filters
         )
@@ -206,19 +232,41 @@ class MultiContrastiveVAE(BaseImageVAE):
         kl_s = kl_divergence(qs, Normal(mean_s, torch.ones_like(mean_s))).sum(-1)
         kl_s = kl_s * (1.0 - control)
         wasserstein = (qs.loc.pow(2) + qs.scale.pow(2)).sum(-1) * control
-        loss = torch.mean(
-            reconstruction + kl_weight * (kl_z + kl_s) + self.wasserstein_penalty * wasserstein
+        w_weight = self.wasserstein_penalty * (kl_weight if self.anneal_wasserstein else 1.0)
+        per_cell = (
+            reconstruction
+            + kl_weight * (self.background_kl_weight * kl_z + self.salient_kl_weight * kl_s)
+            + w_weight * wasserstein
         )
         n_control = control.sum().clamp(min=1.0)
+        extra = {"wasserstein_control": wasserstein.sum() / n_control, **self._likelihood_metrics()}
+        if self.classifier is not None:
+            features = (
+                qs.loc if self.classifier_input == "salient" else torch.cat([qs.loc, qz.loc], -1)
+            )
+            classification, accuracy = self._classification(features, perturbation, control)
+            per_cell = per_cell + self.classification_weight * classification
+            extra["classification_loss"] = classification.sum() / (1.0 - control).sum().clamp(min=1)
+            extra["classification_accuracy"] = accuracy
         return LossOutput(
-            loss=loss,
+            loss=torch.mean(per_cell),
             reconstruction_loss=reconstruction,
             kl_local={"kl_background": kl_z, "kl_salient": kl_s},
-            extra_metrics={
-                "wasserstein_control": wasserstein.sum() / n_control,
-                **self._likelihood_metrics(),
-            },
+            extra_metrics=extra,
         )
+
+    def _classification(
+        self, salient_mean: torch.Tensor, perturbation: torch.Tensor, control: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of each cell's perturbation read from ``s`` (B,), accuracy on perturbed."""
+        logits = self.classifier(salient_mean).float()
+        labels = perturbation.long()
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        weight = torch.ones_like(control) if self.classify_controls else 1.0 - control
+        perturbed = control < 0.5
+        hits = (logits.argmax(-1) == labels)[perturbed].float()
+        accuracy = hits.mean() if hits.numel() else torch.zeros((), device=logits.device)
+        return ce * weight, accuracy.detach()
 
     @torch.inference_mode()
     def reconstruct(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
