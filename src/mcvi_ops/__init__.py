@@ -28,13 +28,14 @@ _SUBPACKAGES = (
     "train",
 )
 
-__all__ = ["MCVAE", "VAE", "__version__", "settings", *_SUBPACKAGES]
+__all__ = ["MCVAE", "VAE", "FeatureMCVAE", "__version__", "settings", *_SUBPACKAGES]
 
 __getattr__ = lazy_getattr(
     __name__,
     {
         "MCVAE": ".model",
         "VAE": ".model",
+        "FeatureMCVAE": ".model",
         "settings": "._logging",
         **{name: f".{name}" for name in _SUBPACKAGES},
     },

@@ -37,4 +37,7 @@ OBSM = SimpleNamespace(
     background="X_mcvae_background",
     both="X_mcvae",
     vae="X_vae",
+    features_salient="X_fmcvae_salient",
+    features_background="X_fmcvae_background",
+    features_both="X_fmcvae",
 )

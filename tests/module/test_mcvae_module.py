@@ -159,3 +159,47 @@ def test_augmentation_only_while_training():
         plain.inference(**plain._get_inference_input(batch))["x_transformed"],
         plain.transform(batch["X"]),
     )
+
+
+def test_perturbation_read_out_adds_weighted_cross_entropy():
+    module = MultiContrastiveVAE(2, (32, 32), 4, classification_weight=5.0, wasserstein_penalty=3.0)
+    batch = _batch()
+    inference, generative, _ = module(batch)
+    out = module.loss(batch, inference, generative, kl_weight=0.5)
+    labels = batch["perturbation"].reshape(-1)
+    control = (labels == 0).float()
+    qs = inference["qs"]
+    penalty = (qs.loc**2 + qs.scale**2).sum(-1) * control
+    kl = out.kl_local["kl_background"] + out.kl_local["kl_salient"]
+    logits = module.classifier(qs.loc)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    expected = (
+        out.reconstruction_loss["reconstruction_loss"]
+        + 0.5 * kl
+        + 3.0 * penalty
+        + 5.0 * cross_entropy
+    ).mean()
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.extra_metrics["classification_loss"], cross_entropy.mean())
+    assert 0.0 <= float(out.extra_metrics["classification_accuracy"]) <= 1.0
+
+
+def test_read_out_of_both_latents_and_gradients_reach_the_encoders():
+    module = MultiContrastiveVAE(2, (32, 32), 4, classification_weight=1.0, classifier_input="both")
+    assert module.classifier.classifier[0].in_features == 64
+    batch = _batch()
+    inference, generative, _ = module(batch)
+    out = module.loss(batch, inference, generative)
+    assert not out.extra_metrics["classification_loss"].requires_grad
+    logits = module.classifier(torch.cat([inference["qs"].loc, inference["qz"].loc], -1))
+    torch.nn.functional.cross_entropy(logits, batch["perturbation"].reshape(-1)).backward()
+    assert module.salient_encoder.mean.weight.grad.abs().sum() > 0
+    assert module.background_encoder.mean.weight.grad.abs().sum() > 0
+
+
+def test_no_read_out_without_weight_and_bad_options():
+    assert MultiContrastiveVAE(2, (32, 32), 4).classifier is None
+    with pytest.raises(ValueError, match="`classifier_input` must be"):
+        MultiContrastiveVAE(2, (32, 32), 4, classification_weight=1.0, classifier_input="z")
+    with pytest.raises(ValueError, match="`classification_weight` must be a number >= 0"):
+        MultiContrastiveVAE(2, (32, 32), 4, classification_weight=-1.0)

@@ -86,11 +86,6 @@ class MCVAE(BaseImageModel):
         **module_kwargs,
     ) -> None:
         super().__init__(adata)
-        if prior not in ("both", "salient", "background", "none"):
-            msg = (
-                f"`prior` must be one of 'both', 'salient', 'background' or 'none', got {prior!r}."
-            )
-            raise ValueError(msg)
         n_channels, crop_size, n_perturbations, n_batch = self._image_layout()
         self.module = self._module_cls(
             n_channels,
@@ -251,6 +246,10 @@ class MCVAE(BaseImageModel):
         return latent_activity(both[:, :n_salient], both[:, n_salient:])
 
     def _after_training(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank embeds its own shard here; call `get_latent_activity()` after the run
+            logger.info("Multi-process training: the latent activity is not measured.")
+            return
         activity = self.get_latent_activity()
         if isinstance(self.history_, dict):
             self.history_["latent_activity"] = activity

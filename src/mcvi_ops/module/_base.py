@@ -5,30 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass
 from torch import nn
 from torch.distributions import Normal
 
-from mcvi_ops._constants import CONTROL_CODE, INTENSITY_FACTOR_KEY
+from mcvi_ops._constants import INTENSITY_FACTOR_KEY
 from mcvi_ops.nn import ConvDecoder
 
+from ._decoding import GaussianImageLikelihood, decoder_input
 from ._transform import CropTransform
-
-
-def is_control(perturbation: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of control cells, shape (B,), from perturbation codes of shape (B,) or (B, 1)."""
-    return perturbation.reshape(-1) == CONTROL_CODE
-
-
-def zero_controls(s: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
-    """``s`` (..., B, D) with the rows of control cells set to 0, from codes of shape (B,) or (B, 1).
-
-    Controls have no salient variation: their ``s`` is exactly 0 wherever it is decoded.
-    """
-    perturbed = ~is_control(perturbation.to(s.device))
-    return s * perturbed.unsqueeze(-1).to(s.dtype)
 
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -53,41 +39,6 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
         if len(rows):
             out[rows] = torch.rot90(x[rows], k, dims=(-2, -1))
     return out
-
-
-def decoder_input(
-    latents: list[torch.Tensor], batch_index: torch.Tensor | None, n_batch: int
-) -> torch.Tensor:
-    """Concatenate latent codes and, when ``n_batch > 0``, the one-hot batch covariate."""
-    parts = list(latents)
-    if n_batch > 0:
-        if batch_index is None:
-            msg = "This module was built with a batch covariate; pass `batch_index`."
-            raise ValueError(msg)
-        one_hot = F.one_hot(batch_index.reshape(-1).long(), n_batch).to(parts[0].dtype)
-        parts.append(one_hot.expand(*parts[0].shape[:-1], n_batch))
-    return torch.cat(parts, dim=-1)
-
-
-class GaussianImageLikelihood(nn.Module):
-    """Per-pixel Gaussian with a learned per-channel scale, bounded below by ``min_scale``."""
-
-    def __init__(self, n_channels: int, *, scale_init: float, min_scale: float) -> None:
-        super().__init__()
-        self.min_scale = float(min_scale)
-        offset = max(scale_init - min_scale, 1e-4)
-        self.raw_scale = nn.Parameter(
-            torch.full((n_channels, 1, 1), float(torch.log(torch.expm1(torch.tensor(offset)))))
-        )
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """Per-channel standard deviation, shape (C, 1, 1)."""
-        return F.softplus(self.raw_scale) + self.min_scale
-
-    def forward(self, mean: torch.Tensor) -> Normal:
-        """The likelihood ``p(x | mean)``."""
-        return Normal(mean, self.scale.to(mean.dtype).expand_as(mean))
 
 
 class BaseImageVAE(BaseModuleClass):
@@ -184,6 +135,10 @@ class BaseImageVAE(BaseModuleClass):
     @staticmethod
     def _batch_index(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return tensors.get(REGISTRY_KEYS.BATCH_KEY)
+
+    def _decoder_covariates(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the decoder reads besides the latents: the batch."""
+        return {"batch_index": self._batch_index(tensors)}
 
     def _decode(
         self, latents: list[torch.Tensor], batch_index: torch.Tensor | None

@@ -1,5 +1,6 @@
-"""Neural-network building blocks: convolutional encoders and decoders for image crops."""
+"""Neural-network building blocks: encoders and decoders for image crops and feature tables."""
 
 from ._conv import ConvDecoder, ConvEncoder
+from ._mlp import MLPDecoder, MLPEncoder
 
-__all__ = ["ConvDecoder", "ConvEncoder"]
+__all__ = ["ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder"]

@@ -1,0 +1,164 @@
+"""Robust per-batch statistics of control cells, for standardising feature tables.
+
+The policy, applied by :class:`~mcvi_ops.FeatureMCVAE` and kept in its saved module:
+
+- centre: the median of the batch's control cells; scale: 1.4826 times their median absolute
+  deviation (the standard deviation of normal data), computed over finite values only;
+- a feature whose controls in a batch have no spread by that measure (counts that are mostly 0,
+  say) falls back to the standard deviation of those controls, then to the pooled robust scale
+  of all controls (each centred on its batch), then to their pooled standard deviation;
+- a feature with no spread in any of these ways carries nothing and is left out (a warning
+  names how many); a feature without any finite value among the controls is an error;
+- non-finite values (NaN, inf) are set to 0, the controls' centre, after standardisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+
+logger = logging.getLogger(__name__)
+
+#: median absolute deviation -> standard deviation of normal data
+MAD_TO_SD = 1.4826
+#: fewest control cells a batch needs for its own statistics
+MIN_CONTROLS = 3
+
+
+@dataclass
+class ControlStatistics:
+    """Per-batch centre and scale (rows x features), the kept features, and what was done."""
+
+    center: np.ndarray
+    scale: np.ndarray
+    kept: np.ndarray
+    n_fallback: int
+
+
+def _rows(matrix, rows: np.ndarray) -> np.ndarray:
+    """Rows of a dense, sparse or backed matrix as a float64 array (non-finite -> NaN)."""
+    block = matrix[rows]
+    block = block.toarray() if sparse.issparse(block) else np.asarray(block)
+    block = block.astype(np.float64, copy=False)
+    return np.where(np.isfinite(block), block, np.nan)
+
+
+def _robust(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median, MAD-based scale and standard deviation of each column, ignoring NaN."""
+    # columns without a finite value give NaN (handled by the caller), not warnings
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        center = np.nanmedian(block, axis=0)
+        mad = MAD_TO_SD * np.nanmedian(np.abs(block - center), axis=0)
+        std = (
+            np.nanstd(block, axis=0, ddof=1) if len(block) > 1 else np.full(block.shape[1], np.nan)
+        )
+    return center, mad, std
+
+
+def control_statistics(
+    matrix,
+    control: np.ndarray,
+    batch_codes: np.ndarray | None,
+    n_batch: int,
+    *,
+    feature_names: Sequence[str],
+    batch_names: Sequence[str] | None = None,
+) -> ControlStatistics:
+    """Robust centre and scale of every feature in every batch, from the control cells.
+
+    Parameters
+    ----------
+    matrix
+        Cells x features (numpy, scipy sparse or a backed array); read batch by batch.
+    control
+        Boolean mask of control cells.
+    batch_codes
+        Batch code of each cell (`None`: one batch).
+    n_batch
+        Number of batches (rows of the output; 1 when ``batch_codes`` is `None`).
+    feature_names, batch_names
+        Names used in messages.
+
+    Returns
+    -------
+    The statistics; ``scale`` is finite and positive for kept features.
+    """
+    n_rows = max(int(n_batch), 1)
+    codes = np.zeros(len(control), dtype=np.int64) if batch_codes is None else batch_codes
+    names = list(batch_names) if batch_names is not None else [str(b) for b in range(n_rows)]
+    n_features = matrix.shape[1]
+    center = np.zeros((n_rows, n_features))
+    mad = np.full((n_rows, n_features), np.nan)
+    std = np.full((n_rows, n_features), np.nan)
+    finite_any = np.zeros(n_features, dtype=bool)
+    too_few = []
+    for b in range(n_rows):
+        rows = np.flatnonzero(control & (codes == b))
+        if len(rows) < MIN_CONTROLS:
+            too_few.append((names[b], len(rows)))
+            continue
+        block = _rows(matrix, rows)
+        finite_any |= np.isfinite(block).any(axis=0)
+        center[b], mad[b], std[b] = _robust(block)
+    if too_few:
+        listed = ", ".join(f"{name!r} ({n})" for name, n in too_few[:5])
+        msg = (
+            f"{len(too_few)} batch(es) have fewer than {MIN_CONTROLS} control cells: {listed}. "
+            "Features are standardised against the controls of each batch, so every batch needs "
+            "some. Merge those batches with others in the `batch_key` column, drop their cells, "
+            "or pass `batch_key=None`."
+        )
+        raise ValueError(msg)
+    empty = np.flatnonzero(~finite_any)
+    if len(empty):
+        shown = [str(feature_names[i]) for i in empty[:5]]
+        msg = (
+            f"{len(empty)} feature(s) have no finite value in any control cell (e.g. {shown}); "
+            "they cannot be standardised. Drop them first, e.g. `adata = adata[:, "
+            "~adata.var_names.isin(bad)].copy()` with `bad` the listed names."
+        )
+        raise ValueError(msg)
+    center = np.where(np.isfinite(center), center, 0.0)
+    # pooled scales of all controls, each centred on its batch: the fallback of flat batches
+    pooled_mad = np.full(n_features, np.nan)
+    pooled_std = np.full(n_features, np.nan)
+    if np.any(~(mad > 0)):
+        rows = np.flatnonzero(control)
+        block = _rows(matrix, rows) - center[codes[rows]]
+        _, pooled_mad, pooled_std = _robust(block)
+    scale = mad.copy()
+    n_fallback = 0
+    for fallback in (std, pooled_mad[None, :], pooled_std[None, :]):
+        flat = ~(scale > 0) | ~np.isfinite(scale)
+        n_fallback += int(flat.sum()) if fallback is std else 0
+        scale = np.where(flat, np.broadcast_to(fallback, scale.shape), scale)
+    kept = np.all((scale > 0) & np.isfinite(scale), axis=0)
+    if not kept.all():
+        logger.warning(
+            "%d of %d features do not vary among the control cells (e.g. %s) and are left out.",
+            int((~kept).sum()),
+            n_features,
+            [str(feature_names[i]) for i in np.flatnonzero(~kept)[:3]],
+        )
+    if not kept.any():
+        msg = "No feature varies among the control cells; nothing can be learned from them."
+        raise ValueError(msg)
+    if n_fallback:
+        logger.info(
+            "%d (batch, feature) pairs have no robust spread among their controls (MAD 0); "
+            "they are scaled by the standard deviation, or the pooled spread of all controls.",
+            n_fallback,
+        )
+    scale = np.where(kept, scale, 1.0)
+    return ControlStatistics(
+        center=center.astype(np.float32),
+        scale=scale.astype(np.float32),
+        kept=kept,
+        n_fallback=n_fallback,
+    )
