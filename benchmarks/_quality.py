@@ -7,6 +7,7 @@ optionally after per-well normalisation against controls, and scored on the same
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from sklearn.decomposition import PCA
 
 import mcvi_ops
-from mcvi_ops import MCVAE, VAE
+from mcvi_ops import MCVAE, VAE, FeatureMCVAE
 from mcvi_ops.metrics._synthetic import novelty_auroc
 from mcvi_ops.model._health import latent_activity
 
@@ -26,6 +27,8 @@ MODELS = {
     "mcvae_prior_background": (MCVAE, {"prior": "background"}),
     "cvae": (MCVAE, {"prior": "none"}),
     "vae": (VAE, {}),
+    # the same objective on CellProfiler features of the crops (needs `features=`)
+    "fmcvae": (FeatureMCVAE, {}),
 }
 #: what a user would run instead (CellProfiler, pixels, intensities) and the controls of training
 #: (the model's architecture with random weights, and the model before training)
@@ -77,9 +80,22 @@ def pixels_pca(adata, *, n_comps=64, fit_cells=5_000, seed=0):
     adata.obsm["pixels_pca"] = np.concatenate(parts).astype(np.float32)
 
 
-def cellprofiler(adata, *, n_comps=64, seed=0):
-    """CellProfiler measurements of the same crops -> PCA (normalisation is applied later)."""
+def cellprofiler_table(adata, cache: Path | None = None) -> ad.AnnData:
+    """CellProfiler measurements of the crops (``tl.cellprofiler_features``), cached as h5ad."""
+    if cache is not None and cache.exists():
+        features = ad.read_h5ad(cache)
+        features.obs = adata.obs.copy()
+        return features
     features = mcvi_ops.tl.cellprofiler_features(adata, progress=False)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        ad.AnnData(features.X.astype(np.float32), var=features.var).write_h5ad(cache)
+    return features
+
+
+def cellprofiler(adata, *, features=None, n_comps=64, seed=0):
+    """CellProfiler measurements of the same crops -> PCA (normalisation is applied later)."""
+    features = cellprofiler_table(adata) if features is None else features
     x = np.asarray(features.X, dtype=np.float64)
     keep = np.isfinite(x).all(axis=0) & (np.nanstd(x, axis=0) > 0)
     x = x[:, keep]
@@ -89,6 +105,12 @@ def cellprofiler(adata, *, n_comps=64, seed=0):
     n = min(n_comps, x.shape[1], x.shape[0] - 1)
     adata.obsm["cellprofiler"] = PCA(n, random_state=seed).fit_transform(x).astype(np.float32)
     return features.n_vars, int(keep.sum()), int(bad.sum())
+
+
+def fov_distance(adata, tile_size: float = 2960.0) -> np.ndarray:
+    """Distance of each cell from the centre of its field of view, in half tile widths."""
+    half = tile_size / 2
+    return np.hypot(adata.obs["cell_i"] - half, adata.obs["cell_j"] - half).to_numpy() / half
 
 
 def _untrained_module(adata, *, seed: int):
@@ -141,10 +163,10 @@ def intensity_stats(adata, *, seed: int = 0) -> None:
     adata.obsm["intensity_stats"] = np.concatenate(stats).astype(np.float32)
 
 
-def compute_baseline(adata, name: str, *, seed: int = 0) -> None:
+def compute_baseline(adata, name: str, *, seed: int = 0, features=None) -> None:
     """Write the baseline ``name`` to ``adata.obsm[name]`` (``model_controls`` writes two)."""
     if name == "cellprofiler":
-        n_features, n_kept, n_failed = cellprofiler(adata, seed=seed)
+        n_features, n_kept, n_failed = cellprofiler(adata, features=features, seed=seed)
         print(f"cellprofiler: {n_features} features ({n_kept} kept), {n_failed} failed")
     elif name == "pixels_pca":
         pixels_pca(adata, seed=seed)
@@ -156,31 +178,49 @@ def compute_baseline(adata, name: str, *, seed: int = 0) -> None:
 
 # --- models ---------------------------------------------------------------------------------
 def fit_and_embed(name, train, embed, *, seed, init=None, train_kwargs=None, corrected=True):
-    """Train model ``name`` on the cells of ``train``; embed the cells of ``embed``."""
+    """Train model ``name`` on the cells of ``train``; embed the cells of ``embed``.
+
+    The feature model takes the CellProfiler tables of the same cells, with the well as batch
+    and the distance from the field-of-view centre as decoder covariate.
+    """
     cls, defaults = MODELS[name]
     scvi.settings.seed = seed
-    cls.setup_anndata(
-        train, perturbation_key=GENE, control_category=CONTROL, **(SETUP if corrected else {})
-    )
+    if cls is FeatureMCVAE:
+        setup = {"batch_key": "batch", "continuous_covariate_keys": ["fov_distance"]}
+        cls.setup_anndata(
+            train, perturbation_key=GENE, control_category=CONTROL, **(setup if corrected else {})
+        )
+    else:
+        cls.setup_anndata(
+            train, perturbation_key=GENE, control_category=CONTROL, **(SETUP if corrected else {})
+        )
     model = cls(train, **{**defaults, **(init or {})})
     start = time.perf_counter()
-    model.train(enable_progress_bar=False, save_checkpoints=False, **(train_kwargs or {}))
+    options = {} if cls is FeatureMCVAE else {"save_checkpoints": False}
+    model.train(enable_progress_bar=False, **options, **(train_kwargs or {}))
     seconds = time.perf_counter() - start
     if cls is VAE:
         return model.get_latent_representation(embed), seconds, model
     return model.get_latent_representation(embed, kind="both"), seconds, model
 
 
-def train_model(name, adata, *, seed, protocol="insample", init=None, train_kwargs=None, **kw):
+def train_model(
+    name, adata, *, seed, protocol="insample", init=None, train_kwargs=None, features=None, **kw
+):
     """Embed every cell with model ``name``: trained on all cells (``"insample"``) or two-fold by
     guide halves (``"crossfit"``: each half embedded by the model trained on the other).
 
     Returns the representations written to ``adata.obsm``, seconds of training (summed over
     folds), the last model and its latent activity on perturbed cells.
     """
+    source = adata
+    if MODELS[name][0] is FeatureMCVAE:
+        source = features.copy()
+        source.obs = adata.obs.copy()
+        source.obs["fov_distance"] = fov_distance(adata)
     if protocol == "insample":
         embedding, seconds, model = fit_and_embed(
-            name, adata, adata, seed=seed, init=init, train_kwargs=train_kwargs, **kw
+            name, source, source, seed=seed, init=init, train_kwargs=train_kwargs, **kw
         )
     else:
         half_a = guide_halves(adata, seed)
@@ -188,8 +228,8 @@ def train_model(name, adata, *, seed, protocol="insample", init=None, train_kwar
         for fit_on in (half_a, ~half_a):
             part, seconds_part, model = fit_and_embed(
                 name,
-                adata[fit_on].copy(),
-                adata[~fit_on].copy(),
+                source[fit_on].copy(),
+                source[~fit_on].copy(),
                 seed=seed,
                 init=init,
                 train_kwargs=train_kwargs,

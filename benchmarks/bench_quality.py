@@ -40,6 +40,7 @@ from _quality import (
     BASELINES,
     MODELS,
     NORMALISATIONS,
+    cellprofiler_table,
     compute_baseline,
     score_table,
     simulated_screen,
@@ -48,7 +49,7 @@ from _quality import (
 from _report import machine_line, markdown_table
 
 import mcvi_ops
-from mcvi_ops import MCVAE
+from mcvi_ops import MCVAE, FeatureMCVAE
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -131,6 +132,13 @@ def main() -> None:
             seed=args.seed,
             difficulty=args.difficulty,
         )
+        features = None
+        if {"cellprofiler", "fmcvae"} & set(args.methods):
+            start = time.perf_counter()
+            features = cellprofiler_table(
+                adata, args.cache_dir / screen_key / "cellprofiler_features.h5ad"
+            )
+            timings["cellprofiler_features"] = round(time.perf_counter() - start, 1)
         for method in args.methods:
             start = time.perf_counter()
             if method in MODELS:
@@ -141,11 +149,12 @@ def main() -> None:
                     protocol=args.protocol,
                     init=args.model,
                     train_kwargs=args.train,
+                    features=features,
                     corrected=args.setup == "corrected",
                 )
                 reps += new
                 timings[method] = round(seconds, 1)
-                if MODELS[method][0] is MCVAE:
+                if MODELS[method][0] in (MCVAE, FeatureMCVAE):
                     novelty_pairs[method] = (f"{method}_salient", f"{method}_background")
             else:
                 # baselines are deterministic given the screen: cache them between runs
@@ -153,7 +162,7 @@ def main() -> None:
                 if cache.exists():
                     adata.obsm[method] = np.load(cache)
                 else:
-                    compute_baseline(adata, method, seed=args.seed)
+                    compute_baseline(adata, method, seed=args.seed, features=features)
                     cache.parent.mkdir(parents=True, exist_ok=True)
                     np.save(cache, adata.obsm[method])
                 reps.append(method)

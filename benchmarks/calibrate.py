@@ -42,8 +42,10 @@ from _quality import (
     CONTROL,
     GENE,
     NORMALISATIONS,
+    cellprofiler_table,
     compute_baseline,
     fit_and_embed,
+    fov_distance,
     guide_halves,
     score_table,
     simulated_screen,
@@ -79,7 +81,10 @@ def baselines(adata: ad.AnnData, key: str, *, seed: int) -> list[str]:
             adata.obsm[name] = np.load(path)
             continue
         start = time.perf_counter()
-        compute_baseline(adata, name, seed=seed)
+        features = None
+        if name == "cellprofiler":
+            features = cellprofiler_table(adata, folder / "cellprofiler_features.h5ad")
+        compute_baseline(adata, name, seed=seed, features=features)
         np.save(path, adata.obsm[name])
         if name in ("random_encoder", "untrained"):  # computed together
             for other in ("random_encoder", "untrained"):
@@ -89,12 +94,17 @@ def baselines(adata: ad.AnnData, key: str, *, seed: int) -> list[str]:
 
 
 # --- the model under calibration ------------------------------------------------------------
-def train_on_half(adata, half_a, *, seed, module_kwargs, train_kwargs):
-    """Train MCVAE on the cells of half A; embed every cell; return seconds, curves, model."""
+def train_on_half(adata, half_a, *, name, seed, module_kwargs, train_kwargs, key):
+    """Train model ``name`` on the cells of half A; embed every cell; return seconds, curves."""
+    source = adata
+    if name == "fmcvae":
+        source = cellprofiler_table(adata, CACHE / "baselines" / key / "cellprofiler_features.h5ad")
+        source.obs = adata.obs.copy()
+        source.obs["fov_distance"] = fov_distance(adata)
     both, seconds, model = fit_and_embed(
-        "mcvae",
-        adata[half_a].copy(),
-        adata,
+        name,
+        source[half_a].copy(),
+        source,
         seed=seed,
         init=module_kwargs,
         train_kwargs=train_kwargs,
@@ -144,6 +154,7 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=8000)
     parser.add_argument("--screen-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="seed of the model")
+    parser.add_argument("--model", choices=["mcvae", "fmcvae"], default="mcvae")
     parser.add_argument("--module", type=json.loads, default={}, help="MCVAE(...) arguments")
     parser.add_argument("--train", type=json.loads, default={}, help="train() arguments")
     parser.add_argument("--normalisations", nargs="+", default=["none"])
@@ -171,12 +182,19 @@ def main() -> None:
             print(rep, {k: values.get(k) for k in ("average_precision", "consistency_mAP")})
         return
     seconds, curves, model = train_on_half(
-        adata, half_a, seed=args.seed, module_kwargs=args.module, train_kwargs=args.train
+        adata,
+        half_a,
+        name=args.model,
+        seed=args.seed,
+        module_kwargs=args.module,
+        train_kwargs=args.train,
+        key=key,
     )
     reps = ["mcvae_both", "mcvae_salient", "mcvae_background"]
     novelty = {"mcvae": ("mcvae_salient", "mcvae_background")}
     record = {
         "name": args.name,
+        "model": args.model,
         "screen": key,
         "seed": args.seed,
         "module": args.module,

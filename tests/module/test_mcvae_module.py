@@ -185,14 +185,25 @@ def test_perturbation_read_out_adds_weighted_cross_entropy():
 
 
 def test_read_out_of_both_latents_and_gradients_reach_the_encoders():
-    module = MultiContrastiveVAE(2, (32, 32), 4, classification_weight=1.0, classifier_input="both")
-    assert module.classifier.classifier[0].in_features == 64
+    module = MultiContrastiveVAE(
+        2, (32, 32), 4, n_background_latent=6, classification_weight=2.0, classifier_input="both"
+    )
+    assert module.classifier.classifier[0].in_features == 32
+    assert module.background_classifier.classifier[0].in_features == 6
     batch = _batch()
     inference, generative, _ = module(batch)
     out = module.loss(batch, inference, generative)
     assert not out.extra_metrics["classification_loss"].requires_grad
-    logits = module.classifier(torch.cat([inference["qs"].loc, inference["qz"].loc], -1))
-    torch.nn.functional.cross_entropy(logits, batch["perturbation"].reshape(-1)).backward()
+    labels = batch["perturbation"].reshape(-1)
+    ce = torch.nn.functional.cross_entropy
+    ce_s = ce(module.classifier(inference["qs"].loc), labels, reduction="none")
+    ce_z = ce(module.background_classifier(inference["qz"].loc), labels, reduction="none")
+    torch.testing.assert_close(out.extra_metrics["background_classification_loss"], ce_z.mean())
+    without = MultiContrastiveVAE(2, (32, 32), 4, n_background_latent=6)
+    without.load_state_dict(module.state_dict(), strict=False)
+    base = without.loss(batch, inference, generative).loss
+    torch.testing.assert_close(out.loss, base + 2.0 * (ce_s + ce_z).mean())
+    out.loss.backward()
     assert module.salient_encoder.mean.weight.grad.abs().sum() > 0
     assert module.background_encoder.mean.weight.grad.abs().sum() > 0
 

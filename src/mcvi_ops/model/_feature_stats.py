@@ -162,3 +162,50 @@ def control_statistics(
         kept=kept,
         n_fallback=n_fallback,
     )
+
+
+def trend_terms(covariates: np.ndarray) -> np.ndarray:
+    """``[1, c, c^2]`` of each continuous covariate (the module's ``trend_terms``)."""
+    covariates = np.asarray(covariates, dtype=np.float64).reshape(len(covariates), -1)
+    return np.concatenate([np.ones((len(covariates), 1)), covariates, covariates**2], axis=1)
+
+
+def covariate_trend(
+    matrix,
+    control: np.ndarray,
+    batch_codes: np.ndarray | None,
+    stats: ControlStatistics,
+    covariates: np.ndarray,
+    *,
+    clip: float,
+    block: int = 8_192,
+) -> np.ndarray:
+    """Least-squares trend of the controls' standardised features along the covariates.
+
+    Returns the coefficients (``1 + 2 * n_covariates`` x features) of ``[1, c, c^2]`` per
+    covariate, fitted on the control cells' standardised, clipped features (NaN as 0), block by
+    block (memory of one block of controls).
+    """
+    covariates = np.asarray(covariates, dtype=np.float64).reshape(len(control), -1)
+    if not np.isfinite(covariates).all():
+        bad = int((~np.isfinite(covariates).all(axis=1)).sum())
+        msg = (
+            f"{bad} cells have NaN or infinite continuous covariates; fill them in (every cell "
+            "needs its position) or leave `continuous_covariate_keys` out."
+        )
+        raise ValueError(msg)
+    codes = np.zeros(len(control), dtype=np.int64) if batch_codes is None else batch_codes
+    rows = np.flatnonzero(control)
+    n_terms = 1 + 2 * covariates.shape[1]
+    gram = np.zeros((n_terms, n_terms))
+    moment = np.zeros((n_terms, stats.center.shape[1]))
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        y = (_rows(matrix, part) - stats.center[codes[part]]) / stats.scale[codes[part]]
+        y = np.clip(np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0), -clip, clip)
+        terms = trend_terms(covariates[part])
+        gram += terms.T @ terms
+        moment += terms.T @ y
+    ridge = 1e-6 * np.trace(gram) / n_terms
+    coefficients = np.linalg.solve(gram + ridge * np.eye(n_terms), moment)
+    return np.where(stats.kept, coefficients, 0.0).astype(np.float32)

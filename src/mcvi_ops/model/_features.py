@@ -24,7 +24,7 @@ from mcvi_ops.dataloaders._features import FeatureDataLoader, FeatureDataSplitte
 from mcvi_ops.module import FeatureMultiContrastiveVAE
 from mcvi_ops.train import DivergenceGuard, ImageTrainingPlan, ImageTrainRunner
 
-from ._feature_stats import control_statistics
+from ._feature_stats import control_statistics, covariate_trend
 from ._health import latent_activity, warn_if_collapsed
 
 logger = logging.getLogger(__name__)
@@ -228,15 +228,23 @@ class FeatureMCVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             if batch is not None
             else None
         )
+        matrix = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        control = self._codes(PERTURBATION_KEY) == CONTROL_CODE
         stats = control_statistics(
-            manager.get_from_registry(REGISTRY_KEYS.X_KEY),
-            self._codes(PERTURBATION_KEY) == CONTROL_CODE,
+            matrix,
+            control,
             batch,
             self.module.n_batch,
             feature_names=list(self.adata.var_names),
             batch_names=names,
         )
-        self.module.set_standardization(stats.center, stats.scale, stats.kept)
+        trend = None
+        if self.module.n_continuous_covariates:
+            covariates = np.asarray(manager.get_from_registry(REGISTRY_KEYS.CONT_COVS_KEY))
+            trend = covariate_trend(
+                matrix, control, batch, stats, covariates, clip=self.module.clip
+            )
+        self.module.set_standardization(stats.center, stats.scale, stats.kept, trend)
 
     # --- training -------------------------------------------------------------------------
     def train(

@@ -98,13 +98,20 @@ class MultiContrastiveMixin:
         for table in (self.background_prior_mean, self.salient_prior_mean):
             if table is not None:
                 nn.init.zeros_(table.weight)
-        # a linear read-out of every cell's perturbation (controls included) from its posterior
-        # means: weak supervision with the labels every screen has
-        n_input = n_salient_latent + (n_background_latent if classifier_input == "both" else 0)
-        self.classifier = (
-            Classifier(n_input, n_hidden=0, n_labels=n_perturbations, n_layers=0, logits=True)
-            if classification_weight > 0
-            else None
+
+        # linear read-outs of every cell's perturbation (controls included) from its posterior
+        # means: weak supervision with the labels every screen has. One reads s; with
+        # classifier_input="both" a second, separate one reads z
+        def read_out(n_input: int) -> Classifier | None:
+            if classification_weight <= 0:
+                return None
+            return Classifier(
+                n_input, n_hidden=0, n_labels=n_perturbations, n_layers=0, logits=True
+            )
+
+        self.classifier = read_out(n_salient_latent)
+        self.background_classifier = (
+            read_out(n_background_latent) if classifier_input == "both" else None
         )
 
     # --- priors ---------------------------------------------------------------------------
@@ -216,12 +223,14 @@ class MultiContrastiveMixin:
             "wasserstein_control": wasserstein.sum() / control.sum().clamp(min=1.0),
             **(extra_metrics or {}),
         }
-        if self.classifier is not None:
-            means = [qs.loc, qz.loc] if self.classifier_input == "both" else [qs.loc]
-            cross_entropy, accuracy = self._read_out(torch.cat(means, -1), perturbation, control)
+        heads = (("", self.classifier, qs), ("background_", self.background_classifier, qz))
+        for prefix, head, posterior in heads:
+            if head is None:
+                continue
+            cross_entropy, accuracy = self._read_out(head, posterior.loc, perturbation, control)
             per_cell = per_cell + self.classification_weight * cross_entropy
-            extra["classification_loss"] = cross_entropy.mean().detach()
-            extra["classification_accuracy"] = accuracy
+            extra[f"{prefix}classification_loss"] = cross_entropy.mean().detach()
+            extra[f"{prefix}classification_accuracy"] = accuracy
         return LossOutput(
             loss=torch.mean(per_cell),
             reconstruction_loss=reconstruction,
@@ -229,11 +238,12 @@ class MultiContrastiveMixin:
             extra_metrics=extra,
         )
 
+    @staticmethod
     def _read_out(
-        self, means: torch.Tensor, perturbation: torch.Tensor, control: torch.Tensor
+        head: nn.Module, means: torch.Tensor, perturbation: torch.Tensor, control: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of each cell's perturbation (B,) and the accuracy on perturbed cells."""
-        logits = self.classifier(means).float()
+        logits = head(means).float()
         labels = perturbation.long()
         cross_entropy = F.cross_entropy(logits, labels, reduction="none")
         hits = (logits.argmax(-1) == labels)[control < 0.5].float()

@@ -21,9 +21,12 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
     The same objective as :class:`~mcvi_ops.module.MultiContrastiveVAE` (shared through
     :class:`~mcvi_ops.module.MultiContrastiveMixin`) with fully connected encoders and decoder.
     Raw features are standardised inside the module against the controls of their batch
-    (``(x - center[batch]) / scale[batch]``, buffers saved with the weights), non-finite values
-    are set to 0 (the controls' centre), values are clipped to ``[-clip, clip]`` and features
-    left out by ``feature_mask`` are 0 and not reconstructed. The decoder reads ``(z, s)``, the
+    (``(x - center[batch]) / scale[batch]``, buffers saved with the weights); with continuous
+    covariates, the controls' trend along them (``[1, c, c^2]`` per covariate, fitted on the
+    controls, ``covariate_trend``) is removed too, so technical positions (the distance from the
+    field-of-view centre, say) leave no trace in the features the encoders read. Non-finite
+    values are set to 0 (the controls' centre), values are clipped to ``[-clip, clip]`` and
+    features left out by ``feature_mask`` are 0 and not reconstructed. The decoder reads ``(z, s)``, the
     one-hot batch and continuous covariates (e.g. the distance from the field-of-view centre);
     the encoders read the features only.
 
@@ -89,6 +92,10 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
         self.register_buffer("feature_center", torch.zeros(n_rows, n_features))
         self.register_buffer("feature_scale", torch.ones(n_rows, n_features))
         self.register_buffer("feature_mask", torch.ones(n_features, dtype=torch.bool))
+        # rows: intercept, then c and c^2 of each continuous covariate
+        self.register_buffer(
+            "covariate_trend", torch.zeros(1 + 2 * n_continuous_covariates, n_features)
+        )
         mlp = {"n_hidden": n_hidden, "n_layers": n_layers}
         self.background_encoder = background_encoder or MLPEncoder(
             n_features, n_background_latent, dropout_rate=dropout_rate, **mlp
@@ -114,12 +121,29 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
     # --- standardisation ------------------------------------------------------------------
     @torch.no_grad()
     def set_standardization(
-        self, center: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor
+        self,
+        center: torch.Tensor,
+        scale: torch.Tensor,
+        mask: torch.Tensor,
+        trend: torch.Tensor | None = None,
     ) -> None:
-        """Set the per-batch centres and scales (rows x features) and the kept features."""
+        """Set the standardisation: per-batch centres and scales, kept features, covariate trend.
+
+        ``center`` and ``scale`` are (rows x features), ``mask`` (features,), ``trend``
+        (``1 + 2 * n_covariates`` x features).
+        """
         self.feature_center.copy_(torch.as_tensor(center, dtype=torch.float32))
         self.feature_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
         self.feature_mask.copy_(torch.as_tensor(mask, dtype=torch.bool))
+        if trend is not None:
+            self.covariate_trend.copy_(torch.as_tensor(trend, dtype=torch.float32))
+
+    @staticmethod
+    def trend_terms(covariates: torch.Tensor) -> torch.Tensor:
+        """``[1, c, c^2]`` of each continuous covariate: (B, 1 + 2 * n_covariates)."""
+        covariates = covariates.float()
+        ones = torch.ones(covariates.shape[0], 1, device=covariates.device)
+        return torch.cat([ones, covariates, covariates.pow(2)], dim=1)
 
     def standardize(
         self,
@@ -127,11 +151,12 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
         batch_index: torch.Tensor | None = None,
         center: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
+        continuous_covariates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raw features (B, F) -> standardised, clipped float32 features (B, F).
 
         ``center`` and ``scale`` (B, F) replace the tables' rows for cells of batches the model
-        was not trained on.
+        was not trained on; ``continuous_covariates`` (B, n) remove the controls' trend.
         """
         if center is None or scale is None:
             rows = (
@@ -141,6 +166,8 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
             )
             center, scale = self.feature_center[rows], self.feature_scale[rows]
         y = (x.float() - center) / scale
+        if self.n_continuous_covariates and continuous_covariates is not None:
+            y = y - self.trend_terms(continuous_covariates) @ self.covariate_trend
         y = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0).clamp(-self.clip, self.clip)
         return y * self.feature_mask.to(y.dtype)
 
@@ -150,6 +177,7 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
             "x": tensors[REGISTRY_KEYS.X_KEY],
             "perturbation": tensors[PERTURBATION_KEY],
             "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY),
+            "continuous_covariates": tensors.get(REGISTRY_KEYS.CONT_COVS_KEY),
         }
 
     def _decoder_covariates(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -164,12 +192,13 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
         x: torch.Tensor,
         perturbation: torch.Tensor,
         batch_index: torch.Tensor | None = None,
+        continuous_covariates: torch.Tensor | None = None,
         center: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
         n_samples: int = 1,
     ) -> dict[str, torch.Tensor | Normal]:
         """Posteriors of ``z`` and ``s`` of raw features; ``s`` of control cells is exactly 0."""
-        x_standardized = self.standardize(x, batch_index, center, scale)
+        x_standardized = self.standardize(x, batch_index, center, scale, continuous_covariates)
         return {
             **self._encode(x_standardized, perturbation, n_samples),
             "x_standardized": x_standardized,

@@ -50,7 +50,8 @@ class MultiContrastiveVAE(MultiContrastiveMixin, BaseImageVAE):
         Weight of the cross-entropy of a linear read-out of each cell's perturbation from its
         posterior means (0: none).
     classifier_input
-        What the read-out sees: ``"salient"`` (``s``) or ``"both"`` (``s`` and ``z``).
+        ``"salient"``: one read-out, of ``s``; ``"both"``: a second, separate read-out of ``z``
+        with the same weight.
     encoder_filters
         Channels of the five encoder convolutions.
     decoder_filters
