@@ -281,6 +281,10 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
                 show, description = self._progress_bar or (None, "Cells")
                 data_loader_kwargs.setdefault("progress_bar", show)
                 data_loader_kwargs.setdefault("description", description)
+                # outputs hold every requested row, also inside a DDP process group (e.g. checks
+                # after training); `outputs_on_devices` shards the rows itself
+                data_loader_kwargs.setdefault("num_replicas", 1)
+                data_loader_kwargs.setdefault("rank", 0)
         return super()._make_data_loader(
             adata, indices, batch_size, shuffle, data_loader_class, **data_loader_kwargs
         )
