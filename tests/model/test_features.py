@@ -170,3 +170,38 @@ def test_bad_tables_are_refused():
     model = mcvi_ops.FeatureMCVAE(adata)
     with pytest.raises(ValueError, match="even number"):
         model.train(batch_size=255)
+
+
+def test_save_and_load_keep_the_standardisation(trained, tmp_path):
+    adata, model = trained
+    model.save(tmp_path / "model")
+    loaded = mcvi_ops.FeatureMCVAE.load(tmp_path / "model", adata)
+    torch.testing.assert_close(loaded.module.feature_center, model.module.feature_center)
+    torch.testing.assert_close(loaded.module.covariate_trend, model.module.covariate_trend)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(adata, np.arange(50)),
+        model.get_latent_representation(adata, np.arange(50)),
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="holds a FeatureMCVAE model"):
+        mcvi_ops.MCVAE.load(tmp_path / "model", adata)
+    with pytest.raises(ValueError, match="needs the AnnData of features"):
+        mcvi_ops.FeatureMCVAE.load(tmp_path / "model")
+
+
+def test_the_controls_trend_along_a_covariate_is_removed():
+    adata = _table(n=1500, seed=4)
+    distance = adata.obs["fov_distance"].to_numpy()
+    adata.X[:, 1] += (5.0 * distance**2).astype(np.float32)  # vignetting-like trend, all cells
+    mcvi_ops.FeatureMCVAE.setup_anndata(
+        adata, perturbation_key="gene_symbol", continuous_covariate_keys=["fov_distance"]
+    )
+    model = mcvi_ops.FeatureMCVAE(adata)
+    module = model.module
+    x = torch.as_tensor(adata.X)
+    covariates = torch.as_tensor(distance[:, None], dtype=torch.float32)
+    corrected = module.standardize(x, None, continuous_covariates=covariates)[:, 1].numpy()
+    plain = module.standardize(x, None)[:, 1].numpy()
+    control = (adata.obs["gene_symbol"] == "nontargeting").to_numpy()
+    assert abs(np.corrcoef(plain[control], distance[control])[0, 1]) > 0.5
+    assert abs(np.corrcoef(corrected[control], distance[control])[0, 1]) < 0.1

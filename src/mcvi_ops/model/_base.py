@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import rich.pretty  # noqa: F401 - scvi-tools 1.4.2 uses it without importing it (rich 15)
 import torch
-from anndata import AnnData, read_h5ad
+from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data._constants import _MODEL_NAME_KEY, _SETUP_ARGS_KEY
-from scvi.model._utils import parse_device_args
+from scvi.data._constants import _SETUP_ARGS_KEY
 from scvi.model.base import BaseModelClass, VAEMixin
-from scvi.model.base._constants import SAVE_KEYS
 from scvi.utils import setup_anndata_dsp
 
 from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, INTENSITY_FACTOR_KEY, PERTURBATION_KEY
@@ -36,6 +31,7 @@ from mcvi_ops.train._callbacks import NonFiniteCropsError, describe_cells, nonfi
 
 from . import _save_load
 from ._inference import InferenceLoader, NoCellsLoader
+from ._persistence import SafeSaveLoadMixin
 from ._train import ImageTrainingMixin
 
 logger = logging.getLogger(__name__)
@@ -44,8 +40,14 @@ logger = logging.getLogger(__name__)
 _LOADING = _save_load.LOADING
 
 
-class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
+class BaseImageModel(SafeSaveLoadMixin, ImageTrainingMixin, VAEMixin, BaseModelClass):
     """Base class of models on image crops linked to AnnData rows (not used directly)."""
+
+    _required_field = IMAGE_KEY
+    _data_hint = (
+        "the AnnData the model was trained on, linked to its crops (its adata.uns['crops'] "
+        "points at the crop store), or one with the same set-up"
+    )
 
     _data_loader_cls = InferenceLoader
     #: (show a progress bar, its label), set by `_progress` while an output is computed
@@ -416,162 +418,9 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
         adata.obsm[key] = values
         logger.info("Wrote adata.obsm[%r] (%d x %d)", key, *values.shape)
 
-    # --- notebooks ------------------------------------------------------------------------
-    def view_anndata_setup(
-        self, adata: AnnData | None = None, hide_state_registries: bool = False
-    ) -> None:
-        """Print how ``adata`` (default: the training data) is set up with the model."""
-        # scvi-tools 1.4.2 calls `rich.pretty.pprint` without importing `rich.pretty`, which
-        # rich 15 no longer imports with `rich`
-        importlib.import_module("rich.pretty")
-        super().view_anndata_setup(adata, hide_state_registries=hide_state_registries)
-
-    # --- saving and loading ---------------------------------------------------------------
-    def save(
-        self,
-        dir_path: str | os.PathLike,
-        prefix: str | None = None,
-        overwrite: bool = False,
-        save_anndata: bool = False,
-        **kwargs,
-    ) -> None:
-        """Save the model's weights, set-up and training history to a folder.
-
-        Parameters
-        ----------
-        dir_path
-            Folder to write (created if needed).
-        prefix
-            Prefix of the file names, to keep several models in one folder (no path
-            separators: files never leave ``dir_path``).
-        overwrite
-            Overwrite an existing folder.
-        save_anndata
-            Also write the AnnData (``adata.h5ad``, still linked to its crop store), so that
-            :meth:`load` needs no AnnData.
-        **kwargs
-            More arguments of :meth:`scvi.model.base.BaseModelClass.save`.
-
-        Notes
-        -----
-        The files are written under temporary names and renamed into place once complete, so a
-        save that fails part way (disk full, Ctrl-C) leaves the model saved there before
-        loadable.
-
-        Examples
-        --------
-        >>> model.save("model/", overwrite=True)  # doctest: +SKIP
-        >>> model = mcvi_ops.MCVAE.load("model/", adata)  # doctest: +SKIP
-        """
-        prefix = _save_load.check_prefix(prefix, dir_path) or None
-        registry, self.registry_ = self.registry_, _save_load.plain_containers(self.registry_)
-
-        def write(folder: str) -> None:
-            super(BaseImageModel, self).save(
-                folder, prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs
-            )
-
-        try:
-            _save_load.save_atomically(dir_path, write, overwrite=overwrite)
-        finally:
-            self.registry_ = registry
-
-    @classmethod
-    def load(
-        cls,
-        dir_path: str | os.PathLike,
-        adata: AnnData | None = None,
-        *,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-        prefix: str | None = None,
-        weights_only: bool = True,
-    ):
-        """Load a model saved with :meth:`save`, without running code from the folder.
-
-        Parameters
-        ----------
-        dir_path
-            Folder given to :meth:`save`.
-        adata
-            The AnnData the model was trained on (or one with the same set-up), linked to its
-            crops, e.g. ``anndata.read_h5ad("screen.h5ad")``. Default: the ``adata.h5ad`` saved
-            in the folder with ``save_anndata=True``.
-        accelerator
-            ``"auto"``, ``"cpu"``, ``"gpu"``, ...
-        device
-            Device to load the weights onto.
-        prefix
-            File-name prefix given to :meth:`save`.
-        weights_only
-            Refuse files holding anything but tensors, numpy arrays and the training history
-            (:class:`~mcvi_ops.model.UnsafeModelFileError`); `False` trusts the file entirely
-            (needed for models built with custom network objects).
-
-        Returns
-        -------
-        The model, with the weights, set-up and history saved.
-
-        Examples
-        --------
-        >>> model = mcvi_ops.MCVAE.load("model/", adata)  # doctest: +SKIP
-        """
-        _, _, torch_device = parse_device_args(
-            accelerator=accelerator,
-            devices=device,
-            return_device="torch",
-            validate_single_device=True,
-        )
-        attr_dict, _, state_dict = _save_load.load_saved_files(
-            dir_path, prefix=prefix, map_location=torch_device, weights_only=weights_only
-        )
-        path = Path(dir_path) / f"{prefix or ''}{SAVE_KEYS.MODEL_FNAME}"
-        registry = _save_load.check_registry(
-            attr_dict.pop("registry_", None), path, image_key=IMAGE_KEY
-        )
-        saved_class = registry.get(_MODEL_NAME_KEY)
-        if saved_class is not None and saved_class != cls.__name__:
-            msg = (
-                f"{str(dir_path)!r} holds a {saved_class} model; load it with "
-                f"`mcvi_ops.{saved_class}.load`, not `{cls.__name__}.load`."
-            )
-            raise ValueError(msg)
-        adata = cls._adata_to_load(dir_path, adata, prefix)
-        cls.setup_anndata(adata, source_registry=registry, **registry[_SETUP_ARGS_KEY])
-        cls._warn_if_other_store(adata, registry)
-        model = _save_load.initialize(cls, adata, registry, attr_dict, path)
-        pyro_param_store = state_dict.pop("pyro_param_store", None)
-        model.module.on_load(model, pyro_param_store=pyro_param_store)
-        state_dict = _save_load.match_state_dict(model, state_dict, registry, adata, path)
-        model.module.load_state_dict(state_dict)
-        model.to_device(torch_device)
-        model.module.eval()
-        model._validate_anndata(adata)
-        return model
-
-    @classmethod
-    def _adata_to_load(
-        cls, dir_path: str | os.PathLike, adata: AnnData | None, prefix: str | None
-    ) -> AnnData:
-        if adata is not None:
-            if not isinstance(adata, AnnData):
-                msg = f"`adata` must be an AnnData, got {type(adata).__name__}."
-                raise TypeError(msg)
-            return adata
-        saved = Path(dir_path) / f"{prefix or ''}{SAVE_KEYS.ADATA_FNAME}"
-        if saved.is_file():
-            return read_h5ad(saved)
-        msg = (
-            f"`{cls.__name__}.load` needs the AnnData the model was trained on, linked to its "
-            f"crops: `mcvi_ops.{cls.__name__}.load({str(dir_path)!r}, adata)` with e.g. "
-            "`adata = anndata.read_h5ad('screen.h5ad')` (its adata.uns['crops'] points at the "
-            f"crop store). The folder holds no {SAVE_KEYS.ADATA_FNAME} (save the model with "
-            "`save_anndata=True` to keep one there)."
-        )
-        raise ValueError(msg)
-
     @staticmethod
-    def _warn_if_other_store(adata: AnnData, registry: dict) -> None:
+    def _after_load_setup(adata: AnnData, registry: dict) -> None:
+        """Warn when the crop store was rewritten since the model was trained."""
         trained = registry["field_registries"][IMAGE_KEY]["state_registry"]
         reference = crop_reference(adata, uns_key=registry[_SETUP_ARGS_KEY].get("uns_key", UNS_KEY))
         old_id, new_id = trained.get(ImageField.STORE_ID_KEY), reference.get("store_id")
@@ -583,22 +432,3 @@ class BaseImageModel(ImageTrainingMixin, VAEMixin, BaseModelClass):
                 old_id,
                 new_id,
             )
-
-    @staticmethod
-    def load_registry(
-        dir_path: str | os.PathLike, prefix: str | None = None, *, weights_only: bool = True
-    ) -> dict:
-        """The registry (set-up arguments and field states) saved with a model, read safely.
-
-        ``weights_only=False`` trusts the file entirely (as :meth:`load`).
-        """
-        return _save_load.load_registry(dir_path, prefix=prefix, weights_only=weights_only)
-
-    @staticmethod
-    def view_setup_args(
-        dir_path: str | os.PathLike, prefix: str | None = None, *, weights_only: bool = True
-    ) -> None:
-        """Print the arguments a saved model was set up with (``weights_only`` as :meth:`load`)."""
-        importlib.import_module("rich.pretty")  # see `view_anndata_setup`
-        registry = _save_load.load_registry(dir_path, prefix=prefix, weights_only=weights_only)
-        AnnDataManager.view_setup_method_args(registry)

@@ -26,6 +26,8 @@ from mcvi_ops.train import DivergenceGuard, ImageTrainingPlan, ImageTrainRunner
 
 from ._feature_stats import control_statistics, covariate_trend
 from ._health import latent_activity, warn_if_collapsed
+from ._persistence import SafeSaveLoadMixin
+from ._save_load import LOADING
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def default_feature_epochs(n_cells: int) -> int:
     return int(np.clip(math.ceil(_TARGET_CELLS_SEEN / max(n_cells, 1)), 5, 100))
 
 
-class FeatureMCVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Multi-Contrastive VAE on per-cell feature tables (CellProfiler, cp_measure, brieflow).
 
     The objective of :class:`~mcvi_ops.MCVAE` on a cells x features AnnData instead of crops: two
@@ -103,6 +105,8 @@ class FeatureMCVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     _training_plan_cls = ImageTrainingPlan
     _train_runner_cls = ImageTrainRunner
     _data_loader_cls = FeatureDataLoader
+    _required_field = REGISTRY_KEYS.X_KEY
+    _data_hint = "the AnnData of features the model was trained on (or one with the same set-up)"
 
     def __init__(
         self,
@@ -221,6 +225,8 @@ class FeatureMCVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     def _fit_standardization(self) -> None:
         """Per-batch control statistics of the training cells, into the module's buffers."""
+        if LOADING.get():
+            return  # the saved statistics are loaded next
         manager = self.adata_manager
         batch = self._codes(REGISTRY_KEYS.BATCH_KEY) if self._has(REGISTRY_KEYS.BATCH_KEY) else None
         names = (
@@ -333,9 +339,6 @@ class FeatureMCVAE(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             callbacks=callbacks,
             **trainer_kwargs,
         )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            logger.info("Multi-process training: the latent activity is not measured.")
-            return
         activity = self.get_latent_activity()
         if isinstance(self.history_, dict):
             self.history_["latent_activity"] = activity

@@ -246,10 +246,6 @@ class MCVAE(BaseImageModel):
         return latent_activity(both[:, :n_salient], both[:, n_salient:])
 
     def _after_training(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank embeds its own shard here; call `get_latent_activity()` after the run
-            logger.info("Multi-process training: the latent activity is not measured.")
-            return
         activity = self.get_latent_activity()
         if isinstance(self.history_, dict):
             self.history_["latent_activity"] = activity
