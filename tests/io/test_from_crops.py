@@ -9,8 +9,8 @@ import tifffile
 import zarr
 
 from mcvi_ops.data import get_crops
+from mcvi_ops.data._images import UnreadableImageError
 from mcvi_ops.io import crops_from_array, crops_from_files
-from mcvi_ops.io._images import UnreadableImageError
 
 
 @pytest.fixture(scope="module")

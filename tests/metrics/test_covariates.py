@@ -113,3 +113,18 @@ def test_non_finite_embedding_names_rep_and_count():
         technical_covariates(adata, use_rep=["X_batchy", "X_noise"], covariates=("batch",))
     with pytest.raises(ValueError, match=r"in 5 of its 900 cells.*np\.isfinite"):
         technical_covariates(adata, use_rep="X_noise", covariates=("batch",), controls_only=False)
+
+
+def test_reads_covariates_without_deriving_or_writing_obs():
+    adata = _screen()
+    adata.obs = adata.obs.drop(columns=["fov_position", "well_position"])
+    adata.obs["plate"], adata.obs["well"], adata.obs["tile"] = "P1", "A1", 0
+    adata.obs["cell_i"], adata.obs["cell_j"] = 100.0, 100.0
+    before = adata.obs.copy()
+    with pytest.raises(
+        KeyError, match=r"\.obs\['fov_position'\].*Run `mcvi_ops\.pp\.derive_covariates\(adata\)`"
+    ):
+        technical_covariates(adata, use_rep="X_noise")
+    pd.testing.assert_frame_equal(adata.obs, before)
+    with pytest.raises(KeyError, match="Pass the obs columns to predict"):
+        technical_covariates(adata, use_rep="X_noise", covariates=("plate_row",))

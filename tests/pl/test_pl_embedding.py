@@ -165,23 +165,26 @@ def test_readable_labels(key, label):
     assert readable(key) == label
 
 
-@pytest.mark.slow
-def test_computes_umaps_without_touching_x_umap():
-    adata = _cells(n=60, umaps=False)
-    axs = mpl.salient_background(adata, color="gene_symbol", n_neighbors=5, show=False)
-    assert len(axs) == 2
-    assert adata.obsm["X_umap_X_mcvae_salient"].shape == (adata.n_obs, 2)
-    assert "X_umap_X_mcvae_background" in adata.obsm
-    assert (adata.obsm["X_umap"] == 0).all()
-    assert "neighbors" not in adata.uns
+def test_missing_umap_names_what_to_run_and_nothing_is_computed():
+    adata = _cells(umaps=False)
+    with pytest.raises(KeyError, match=r"mcvi_ops\.tl\.umaps\(adata, use_rep=\['X_mcvae_salient'"):
+        mpl.salient_background(adata, show=False)
+    with pytest.raises(
+        KeyError, match=r"sc\.tl\.umap\(adata, neighbors_key='neighbors_X_mcvae_salient'"
+    ):
+        mpl.salient_background(adata, show=False)
+    assert not [k for k in adata.obsm if k.startswith("X_umap_")]
+    assert not adata.uns
+    with pytest.raises(TypeError, match=r"no longer computes them.*mcvi_ops\.tl\.umaps"):
+        mpl.salient_background(adata, n_neighbors=5, show=False)
 
 
-def test_salient_background_umap_on_more_than_8192_cells():
-    """scanpy's approximate-neighbour path (>= 8,192 cells) works (scanpy 1.11.5 bug)."""
-    rng = np.random.default_rng(0)
-    adata = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(9000)]))
-    adata.obsm["X_mcvae_salient"] = rng.normal(size=(9000, 4)).astype(np.float32)
-    adata.obsm["X_mcvae_background"] = rng.normal(size=(9000, 4)).astype(np.float32)
-    axs = mpl.salient_background(adata, n_neighbors=5, show=False)
-    assert len(axs) == 2
-    assert adata.obsm["X_umap_X_mcvae_salient"].shape == (9000, 2)
+def test_scanpy_umap_of_one_representation_is_used():
+    adata = _cells(umaps=False)
+    adata.obsm["X_umap"] = adata.obsm["X_mcvae_salient"][:, :2]
+    adata.uns["neighbors"] = {"params": {"use_rep": "X_mcvae_salient"}}
+    axs = mpl.salient_background(adata, reps=["X_mcvae_salient"], show=False)
+    offsets = axs[0].collections[0].get_offsets()
+    np.testing.assert_allclose(np.sort(offsets[:, 0]), np.sort(adata.obsm["X_umap"][:, 0]))
+    with pytest.raises(KeyError, match="X_umap_X_mcvae_background"):
+        mpl.salient_background(adata, reps=["X_mcvae_background"], show=False)

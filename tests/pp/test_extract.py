@@ -13,8 +13,8 @@ from scipy import ndimage
 from skimage.measure import regionprops
 
 from mcvi_ops.data import IncompleteStoreError, get_crops, open_crops
+from mcvi_ops.data._images import UnreadableImageError
 from mcvi_ops.io import MissingTileError, read_cells
-from mcvi_ops.io._images import UnreadableImageError
 from mcvi_ops.pp import align_channels, extract_crops
 
 

@@ -5,22 +5,11 @@ import signal
 import threading
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from mcvi_ops.train import DivergenceGuard, EpochSeed, StopOnInterrupt
-from mcvi_ops.train._callbacks import describe_cells
-
-
-def test_describe_cells_names_rows_and_crops():
-    names = np.array([f"cell_{i}" for i in range(10)])
-    crop_indices = np.arange(10)[::-1]  # row i holds crop 9 - i
-    text = describe_cells([9, 0], names, crop_indices)
-    assert text == "'cell_0' (crop 9), 'cell_9' (crop 0)"
-    many = describe_cells(np.arange(8), names, crop_indices, limit=3)
-    assert many.endswith("and 5 more")
 
 
 class _Run:

@@ -120,11 +120,12 @@ def _umaps(adata, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mcvi_ops import pl
+    from mcvi_ops import pl, tl
     from mcvi_ops.data._files import atomic_path
 
     paths = []
     reps = ("X_mcvae_salient", "X_mcvae_background")
+    tl.umaps(adata, use_rep=reps)
     for color in UMAP_COLORS:
         fig, axs = plt.subplots(1, 2, figsize=(11, 4.5))
         pl.salient_background(adata, color=color, reps=reps, axs=axs, frameon=False)

@@ -255,7 +255,7 @@ def _umaps(adata, args, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from mcvi_ops import pl
+    from mcvi_ops import pl, tl
     from mcvi_ops._constants import OBSM
 
     reps = [r for r in (OBSM.salient, OBSM.background) if r in adata.obsm] or [
@@ -270,6 +270,7 @@ def _umaps(adata, args, out: Path) -> list[Path]:
     view = view.copy()
     is_control = view.obs[args.perturbation_key].astype(str) == args.control_category
     view.obs["cells"] = np.where(is_control, "control", "perturbed")
+    tl.umaps(view, use_rep=reps)
     colors = ["cells"]
     if "batch" in view.obs and view.obs["batch"].nunique() > 1:
         colors.append("batch")

@@ -1,6 +1,9 @@
 """The crop store format, links between AnnData rows and crops, and scvi-tools fields.
 
-The fields load scvi-tools on first use; the store and links need only zarr and anndata.
+Also the readers of microscope images and cell tables (``_images``, ``_tables``) that both
+:mod:`mcvi_ops.pp` and :mod:`mcvi_ops.io` build on; they are public as
+:func:`mcvi_ops.io.read_image` and :func:`mcvi_ops.io.read_cells`. The fields load scvi-tools on
+first use; the store and links need only zarr and anndata.
 """
 
 from mcvi_ops._lazy import lazy_getattr

@@ -1,6 +1,7 @@
-"""Training data: crop and feature loaders, the balanced chunk-aware sampler, the splitters."""
+"""Crop and feature loaders (training and inference), the balanced chunk-aware sampler, the splitters."""
 
 from ._features import FeatureDataLoader, FeatureDataSplitter
+from ._inference import InferenceLoader
 from ._loader import CropDataLoader, CropDataset
 from ._sampler import BalancedChunkSampler
 from ._splitter import CropDataSplitter
@@ -12,4 +13,5 @@ __all__ = [
     "CropDataset",
     "FeatureDataLoader",
     "FeatureDataSplitter",
+    "InferenceLoader",
 ]

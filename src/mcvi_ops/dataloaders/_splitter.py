@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 
 import numpy as np
 from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.dataloaders import DataSplitter
-from scvi.dataloaders._data_splitting import validate_data_split
 
 from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, PERTURBATION_KEY
 
@@ -19,17 +20,24 @@ logger = logging.getLogger(__name__)
 
 
 def _split_counts(n: int, train_size: float, validation_size: float | None) -> tuple[int, int]:
-    """Numbers of train and validation cells of a group of ``n``, rounded as scvi-tools does."""
+    """Numbers of train and validation cells of a group of ``n``, rounded as scvi-tools does.
+
+    Training cells round up and validation cells down (``scvi.dataloaders.DataSplitter``'s own
+    split), the rest test.
+    """
     if n == 0:
         return 0, 0
-    return validate_data_split(n, train_size, validation_size, batch_size=None)
+    n_train = math.ceil(train_size * n)
+    n_val = n - n_train if validation_size is None else math.floor(n * validation_size)
+    return n_train, n_val
 
 
 class CropDataSplitter(DataSplitter):
     """Train, validation and test loaders of image crops, split stratified by control status.
 
     A :class:`scvi.dataloaders.DataSplitter` whose split keeps the screen's ratio of control to
-    perturbed cells and whose loaders are :class:`CropDataLoader` (``data_loader_cls``).
+    perturbed cells (given to scvi-tools through its public ``external_indexing`` hook) and whose
+    loaders are :class:`CropDataLoader` (``data_loader_cls``).
 
     Controls and perturbed cells are each split with the same fractions, so every split keeps
     the screen's ratio of control to perturbed cells. The split depends only on ``seed``.
@@ -130,53 +138,69 @@ class CropDataSplitter(DataSplitter):
                 "leave it False."
             )
             raise ValueError(msg)
-        batch_size = settings.batch_size if batch_size is None else int(batch_size)
-        num_workers = settings.dl_num_workers if num_workers is None else int(num_workers)
-        super().__init__(
-            adata_manager,
-            train_size=train_fraction,
-            validation_size=validation_size,
-            shuffle_set_split=shuffle_set_split,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            **kwargs,
-        )
-        self.batch_size = batch_size
+        self.batch_size = settings.batch_size if batch_size is None else int(batch_size)
         self.balanced = bool(balanced)
-        self.distributed_sampler = bool(distributed_sampler)
-        self.window_chunks = window_chunks
-        self.num_workers = num_workers
         self.seed = _default_seed() if seed is None else int(seed)
-        self.drop_last = bool(drop_last)
-        self.image_key = image_key
         self.perturbation_key = perturbation_key
         self.control_code = control_code
+        indexing = self._stratified_split(
+            adata_manager, train_fraction, validation_size, shuffle=shuffle_set_split
+        )
+        with warnings.catch_warnings():
+            # scvi-tools warns of a last training batch of 1-2 cells from `settings.batch_size`;
+            # our loaders form their own (balanced) batches of `batch_size`
+            warnings.filterwarnings("ignore", message="Last batch will have a small size")
+            super().__init__(
+                adata_manager,
+                train_size=train_fraction,
+                validation_size=validation_size,
+                shuffle_set_split=shuffle_set_split,
+                pin_memory=pin_memory,
+                external_indexing=indexing,
+                drop_last=drop_last,
+                **kwargs,
+            )
+        # scvi-tools fills these in `setup`; they are known (and read) before training
+        self.train_idx, self.val_idx, self.test_idx = indexing
+        self.distributed_sampler = bool(distributed_sampler)
+        self.window_chunks = window_chunks
+        self.num_workers = settings.dl_num_workers if num_workers is None else int(num_workers)
+        self.drop_last = bool(drop_last)
+        self.image_key = image_key
         self._replicas: tuple[int | None, int | None] = (
             (None, None) if self.distributed_sampler else (1, 0)
         )
-        self._split()
 
-    def _groups(self) -> list[np.ndarray]:
-        n_obs = self.adata_manager.adata.n_obs
-        if self.perturbation_key not in self.adata_manager.data_registry:
+    def _groups(self, adata_manager: AnnDataManager) -> list[np.ndarray]:
+        n_obs = adata_manager.adata.n_obs
+        if self.perturbation_key not in adata_manager.data_registry:
             if self.balanced:
                 msg = (
                     f"`balanced=True` needs the perturbation field {self.perturbation_key!r}, but "
-                    f"the registered keys are {list(self.adata_manager.data_registry.keys())}. "
+                    f"the registered keys are {list(adata_manager.data_registry.keys())}. "
                     "Register it or use `balanced=False`."
                 )
                 raise KeyError(msg)
             return [np.arange(n_obs)]
-        codes = np.asarray(self.adata_manager.get_from_registry(self.perturbation_key))
+        codes = np.asarray(adata_manager.get_from_registry(self.perturbation_key))
         is_control = codes.reshape(-1) == self.control_code
         return [np.flatnonzero(is_control), np.flatnonzero(~is_control)]
 
-    def _split(self) -> None:
-        groups = self._groups()
+    def _stratified_split(
+        self,
+        adata_manager: AnnDataManager,
+        train_size: float,
+        validation_size: float | None,
+        *,
+        shuffle: bool,
+    ) -> list[np.ndarray]:
+        """Sorted train, validation and test rows: controls and perturbed cells split alike."""
         rng = np.random.default_rng(self.seed)
         train, val, test = [], [], []
-        for name, positions in zip(("control", "perturbed"), groups, strict=False):
-            n_train, n_val = _split_counts(len(positions), self.train_size, self.validation_size)
+        for name, positions in zip(
+            ("control", "perturbed"), self._groups(adata_manager), strict=False
+        ):
+            n_train, n_val = _split_counts(len(positions), train_size, validation_size)
             if self.balanced and n_train == 0:
                 msg = (
                     f"The training split holds no {name} cells ({len(positions)} {name} cells in "
@@ -185,19 +209,16 @@ class CropDataSplitter(DataSplitter):
                     "or use `balanced=False`."
                 )
                 raise ValueError(msg)
-            if self.shuffle_set_split:
+            if shuffle:
                 positions = rng.permutation(positions)
             train.append(positions[:n_train])
             val.append(positions[n_train : n_train + n_val])
             test.append(positions[n_train + n_val :])
-        self.train_idx = np.sort(np.concatenate(train))
-        self.val_idx = np.sort(np.concatenate(val))
-        self.test_idx = np.sort(np.concatenate(test))
-        self.n_train = len(self.train_idx)
-        self.n_val = len(self.val_idx)
+        return [np.sort(np.concatenate(part)).astype(np.int64) for part in (train, val, test)]
 
     def setup(self, stage: str | None = None) -> None:
-        """Use the attached trainer's world size and rank for the samplers (DDP)."""
+        """Take the split (scvi-tools) and the attached trainer's world size and rank (DDP)."""
+        super().setup(stage)
         trainer = getattr(self, "trainer", None)
         world_size = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
         if world_size > 1:

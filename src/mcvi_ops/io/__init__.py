@@ -1,13 +1,13 @@
 """Readers of outside formats: cell tables, images, crops made elsewhere, brieflow, scPortrait."""
 
 from mcvi_ops._lazy import lazy_getattr
+from mcvi_ops.data._images import MissingTileError, UnreadableImageError, read_image
+from mcvi_ops.data._tables import read_cells
 
 from ._brieflow import read_brieflow
 from ._crop_folder import read_crop_folder
 from ._from_crops import crops_from_array, crops_from_files
-from ._images import MissingTileError, UnreadableImageError, read_image
 from ._scportrait import read_scportrait
-from ._tables import read_cells
 
 __all__ = [
     "MissingTileError",

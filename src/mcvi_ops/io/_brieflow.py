@@ -31,14 +31,14 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from mcvi_ops.data._images import MissingTileError
 from mcvi_ops.data._link import write_h5ad
+from mcvi_ops.data._tables import read_cells, unique_cell_ids
 from mcvi_ops.pp._resume import ADATA_NAME
 
-from ._images import MissingTileError
 from ._ome_zarr import OmeZarrTiles, ome_zarr_channel_names
 from ._ome_zarr import read_ome_zarr as read_ome_zarr  # re-exported
 from ._ome_zarr import split_well as split_well  # re-exported
-from ._tables import read_cells, unique_cell_ids
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import pandas as pd
 from anndata import AnnData
 
 from mcvi_ops.data._files import contained_path
+from mcvi_ops.data._images import ChannelAxis, stem
+from mcvi_ops.data._tables import read_cells
 
 from ._from_crops import crops_from_files
-from ._images import ChannelAxis, stem
-from ._tables import read_cells
 
 logger = logging.getLogger(__name__)
 

@@ -14,13 +14,7 @@ from anndata import AnnData
 
 from mcvi_ops._constants import UNS
 from mcvi_ops.data import CropWriter, link_crops
-from mcvi_ops.data._link import write_h5ad
-from mcvi_ops.data._lock import StoreLock
-from mcvi_ops.data._writer import check_channel_names, check_integer_range
-from mcvi_ops.pp._resize import resize_crops
-from mcvi_ops.pp._resume import ADATA_NAME, STORE_NAME
-
-from ._images import (
+from mcvi_ops.data._images import (
     IMAGE_SUFFIXES,
     ChannelAxis,
     UnreadableImageError,
@@ -28,7 +22,12 @@ from ._images import (
     stem,
     to_channel_first,
 )
-from ._tables import unique_cell_ids
+from mcvi_ops.data._link import write_h5ad
+from mcvi_ops.data._lock import StoreLock
+from mcvi_ops.data._tables import unique_cell_ids
+from mcvi_ops.data._writer import check_channel_names, check_integer_range
+from mcvi_ops.pp._resize import resize_crops
+from mcvi_ops.pp._resume import ADATA_NAME, STORE_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from anndata import AnnData
 
 from mcvi_ops._constants import UNS
 from mcvi_ops.data._link import write_h5ad
+from mcvi_ops.data._tables import unique_cell_ids
 from mcvi_ops.pp._resume import ADATA_NAME
 
 from ._from_crops import crops_from_array, output_lock
-from ._tables import unique_cell_ids
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mcvi_ops.pp._covariates import derive_covariates
 from mcvi_ops.tl._utils import (
     check_finite,
     check_obs_key,
@@ -89,6 +88,20 @@ def _fit_score(
     }
 
 
+#: covariates that :func:`~mcvi_ops.pp.derive_covariates` writes
+DERIVED_COVARIATES = ("batch", "fov_position", "well_position")
+
+
+def _covariate_hint(covariate: str) -> str:
+    """What to run when the covariate column is missing."""
+    if covariate in DERIVED_COVARIATES:
+        return (
+            "Run `mcvi_ops.pp.derive_covariates(adata)` first (it writes batch, fov_position "
+            "and well_position from the plate, well, tile and centroid columns)."
+        )
+    return "Pass the obs columns to predict as `covariates`."
+
+
 def technical_covariates(
     adata: AnnData,
     *,
@@ -122,8 +135,8 @@ def technical_covariates(
     use_rep
         Key (or list of keys) of ``.obsm``; `None` uses ``.X``.
     covariates
-        Obs columns to predict. ``batch``, ``fov_position`` and ``well_position`` are derived
-        with :func:`~mcvi_ops.pp.derive_covariates` (default geometry) when missing.
+        Obs columns to predict. ``batch``, ``fov_position`` and ``well_position`` are written by
+        :func:`~mcvi_ops.pp.derive_covariates`; run it first (this metric only reads ``.obs``).
     within_batch
         Covariates fitted separately within each batch of ``batch_key``.
     batch_key
@@ -167,17 +180,8 @@ def technical_covariates(
     ...     adata, use_rep=["X_mcvae_salient", "X_mcvae_background"]
     ... )
     """
-    derivable = {"batch", "fov_position", "well_position"}
-    if any(c not in adata.obs for c in covariates if c in derivable):
-        logger.info("Deriving technical covariates from plate/well/tile/centroid columns.")
-        derive_covariates(adata)
     for c in covariates:
-        check_obs_key(
-            adata,
-            c,
-            what="covariate",
-            hint="Run `mcvi_ops.pp.derive_covariates(adata, tile_grid=..., well_layout=...)`.",
-        )
+        check_obs_key(adata, c, what="covariate", hint=_covariate_hint(c))
     mask = np.ones(adata.n_obs, dtype=bool)
     if controls_only:
         codes, names = codes_of(check_obs_key(adata, perturbation_key, what="perturbation"))

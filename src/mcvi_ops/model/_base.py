@@ -7,15 +7,14 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-import rich.pretty  # noqa: F401 - scvi-tools 1.4.2 uses it without importing it (rich 15)
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data._constants import _SETUP_ARGS_KEY
 from scvi.model.base import BaseModelClass, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
+from mcvi_ops._compat import SETUP_ARGS_KEY
 from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, INTENSITY_FACTOR_KEY, PERTURBATION_KEY
 from mcvi_ops.data._fields import (
     UNKNOWN_CODE,
@@ -26,18 +25,14 @@ from mcvi_ops.data._fields import (
     PerturbationField,
 )
 from mcvi_ops.data._link import UNS_KEY, StoreChangedError, crop_reference, linked_store
-from mcvi_ops.pp._intensity import apply_intensity_factors
-from mcvi_ops.train._callbacks import NonFiniteCropsError, describe_cells, nonfinite_crops_message
+from mcvi_ops.dataloaders import InferenceLoader
+from mcvi_ops.dataloaders._checks import check_finite_crops
+from mcvi_ops.dataloaders._inference import NoCellsLoader
 
-from . import _save_load
-from ._inference import InferenceLoader, NoCellsLoader
 from ._persistence import SafeSaveLoadMixin
 from ._train import ImageTrainingMixin
 
 logger = logging.getLogger(__name__)
-
-
-_LOADING = _save_load.LOADING
 
 
 class BaseImageModel(SafeSaveLoadMixin, ImageTrainingMixin, VAEMixin, BaseModelClass):
@@ -140,7 +135,7 @@ class BaseImageModel(SafeSaveLoadMixin, ImageTrainingMixin, VAEMixin, BaseModelC
 
     def _set_dark_level(self) -> None:
         """Copy the dark level recorded with the intensity factors into the module."""
-        if _LOADING.get() or INTENSITY_FACTOR_KEY not in self.adata_manager.data_registry:
+        if self._being_loaded() or INTENSITY_FACTOR_KEY not in self.adata_manager.data_registry:
             return
         key = self.adata_manager.registry["setup_args"]["intensity_factor_key"]
         dark = np.asarray(self.adata.uns[key]["dark_level"], dtype=np.float32)
@@ -152,7 +147,7 @@ class BaseImageModel(SafeSaveLoadMixin, ImageTrainingMixin, VAEMixin, BaseModelC
         Crops with NaN/inf pixels raise an error naming the cells; control cells with extreme
         intensities (saturated or corrupt crops) are left out of the statistics.
         """
-        if _LOADING.get():
+        if self._being_loaded():
             return  # the saved statistics are loaded next
         controls = np.flatnonzero(self._is_control_cell())
         rng = np.random.default_rng(seed)
@@ -161,16 +156,17 @@ class BaseImageModel(SafeSaveLoadMixin, ImageTrainingMixin, VAEMixin, BaseModelC
         crop_index = np.asarray(self.adata_manager.get_from_registry(IMAGE_KEY)).reshape(-1)
         store = self._check_store(self.adata_manager)
         crops = store.take(crop_index[controls])
-        if crops.dtype.kind == "f":
-            bad = ~np.isfinite(crops.reshape(len(crops), -1)).all(axis=1)
-            if bad.any():
-                cells = describe_cells(crop_index[controls][bad], self.adata.obs_names, crop_index)
-                where = f"among {len(controls)} control cells sampled to scale the inputs"
-                raise NonFiniteCropsError(nonfinite_crops_message(where, cells, int(bad.sum())))
+        where = f"among {len(controls)} control cells sampled to scale the inputs"
+        check_finite_crops(crops, crop_index[controls], where, self.adata.obs_names, crop_index)
         factors = self._intensity_factors()
         if factors is not None:
-            dark = self.module.dark_level.reshape(-1).cpu().numpy()
-            crops = apply_intensity_factors(crops, factors[controls], dark)
+            # the module's own correction, so the statistics see the inputs training sees
+            with torch.no_grad():
+                corrected = self.module.correct_intensity(
+                    torch.as_tensor(crops.astype(np.float32, copy=False)).to(self.module.device),
+                    torch.as_tensor(factors[controls]).to(self.module.device),
+                )
+            crops = corrected.cpu().numpy()
         excluded = self.module.transform.fit(crops)
         if excluded.any():
             names = [str(n) for n in self.adata.obs_names[controls[excluded]][:5]]
@@ -422,7 +418,7 @@ class BaseImageModel(SafeSaveLoadMixin, ImageTrainingMixin, VAEMixin, BaseModelC
     def _after_load_setup(adata: AnnData, registry: dict) -> None:
         """Warn when the crop store was rewritten since the model was trained."""
         trained = registry["field_registries"][IMAGE_KEY]["state_registry"]
-        reference = crop_reference(adata, uns_key=registry[_SETUP_ARGS_KEY].get("uns_key", UNS_KEY))
+        reference = crop_reference(adata, uns_key=registry[SETUP_ARGS_KEY].get("uns_key", UNS_KEY))
         old_id, new_id = trained.get(ImageField.STORE_ID_KEY), reference.get("store_id")
         if old_id and new_id and old_id != new_id and trained.get("url") == reference["url"]:
             logger.warning(

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from pathlib import Path
 
 from anndata import AnnData, read_h5ad
 from scvi.data import AnnDataManager
-from scvi.data._constants import _MODEL_NAME_KEY, _SETUP_ARGS_KEY
-from scvi.model._utils import parse_device_args
-from scvi.model.base._constants import SAVE_KEYS
+
+from mcvi_ops._compat import (
+    MODEL_NAME_KEY,
+    SAVE_KEYS,
+    SETUP_ARGS_KEY,
+    import_rich_pretty,
+    parse_device_args,
+)
 
 from . import _save_load
 
@@ -33,13 +37,20 @@ class SafeSaveLoadMixin:
     def _after_load_setup(adata: AnnData, registry: dict) -> None:
         """Checks of the AnnData once it is set up for loading (none by default)."""
 
+    @staticmethod
+    def _being_loaded() -> bool:
+        """Whether :meth:`load` is building this model (then fitted statistics are not refitted).
+
+        Statistics fitted on the training data at construction (input scaling, control
+        standardisation) come from the saved weights instead.
+        """
+        return _save_load.LOADING.get()
+
     def view_anndata_setup(
         self, adata: AnnData | None = None, hide_state_registries: bool = False
     ) -> None:
         """Print how ``adata`` (default: the training data) is set up with the model."""
-        # scvi-tools 1.4.2 calls `rich.pretty.pprint` without importing `rich.pretty`, which
-        # rich 15 no longer imports with `rich`
-        importlib.import_module("rich.pretty")
+        import_rich_pretty()
         super().view_anndata_setup(adata, hide_state_registries=hide_state_registries)
 
     # --- saving and loading ---------------------------------------------------------------
@@ -143,7 +154,7 @@ class SafeSaveLoadMixin:
         )
         path = Path(dir_path) / f"{prefix or ''}{SAVE_KEYS.MODEL_FNAME}"
         registry = attr_dict.pop("registry_", None)
-        saved_class = registry.get(_MODEL_NAME_KEY) if isinstance(registry, dict) else None
+        saved_class = registry.get(MODEL_NAME_KEY) if isinstance(registry, dict) else None
         if saved_class is not None and saved_class != cls.__name__:
             msg = (
                 f"{str(dir_path)!r} holds a {saved_class} model; load it with "
@@ -152,7 +163,7 @@ class SafeSaveLoadMixin:
             raise ValueError(msg)
         registry = _save_load.check_registry(registry, path, image_key=cls._required_field)
         adata = cls._adata_to_load(dir_path, adata, prefix)
-        cls.setup_anndata(adata, source_registry=registry, **registry[_SETUP_ARGS_KEY])
+        cls.setup_anndata(adata, source_registry=registry, **registry[SETUP_ARGS_KEY])
         cls._after_load_setup(adata, registry)
         model = _save_load.initialize(cls, adata, registry, attr_dict, path)
         pyro_param_store = state_dict.pop("pyro_param_store", None)
@@ -199,6 +210,6 @@ class SafeSaveLoadMixin:
         dir_path: str | os.PathLike, prefix: str | None = None, *, weights_only: bool = True
     ) -> None:
         """Print the arguments a saved model was set up with (``weights_only`` as :meth:`load`)."""
-        importlib.import_module("rich.pretty")  # see `view_anndata_setup`
+        import_rich_pretty()
         registry = _save_load.load_registry(dir_path, prefix=prefix, weights_only=weights_only)
         AnnDataManager.view_setup_method_args(registry)

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scvi.model.base._constants import SAVE_KEYS
 
+from mcvi_ops._compat import SAVE_KEYS, SETUP_ARGS_KEY
 from mcvi_ops.data._files import PARTIAL
 
 logger = logging.getLogger(__name__)
@@ -283,9 +283,7 @@ LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("mcvi_ops_loading
 
 def check_registry(registry: Any, path: Path, *, image_key: str) -> dict:
     """The saved registry, refusing one written by a version that lacks what loading needs."""
-    from scvi.data._constants import _SETUP_ARGS_KEY
-
-    needed = (_SETUP_ARGS_KEY, "field_registries")
+    needed = (SETUP_ARGS_KEY, "field_registries")
     lacking = [k for k in needed if not isinstance(registry, dict) or k not in registry]
     if not lacking and image_key not in registry["field_registries"]:
         lacking = [f"field_registries[{image_key!r}]"]

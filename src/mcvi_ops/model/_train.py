@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 from scvi import settings
-from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import UnsupervisedTrainingMixin
 
+from mcvi_ops._compat import use_distributed_sampler
 from mcvi_ops._constants import IMAGE_KEY
 from mcvi_ops.dataloaders import CropDataSplitter
 from mcvi_ops.dataloaders._sampler import _default_seed

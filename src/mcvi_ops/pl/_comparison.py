@@ -17,6 +17,7 @@ from ._utils import (
     mark_missing,
     new_axes,
     readable,
+    shared_docs,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def _pick(table: pd.DataFrame, column: str, wanted: Sequence[str] | None, what: 
     return picked
 
 
+@shared_docs
 def method_comparison(
     table: pd.DataFrame,
     *,
@@ -96,18 +98,14 @@ def method_comparison(
         Label of the y axis.
     title
         Title of the axes.
-    ax
-        Axes to draw into; a new figure if `None`.
-    show
-        Show the figure. `None` shows it unless ``ax`` or ``return_fig`` is given.
-    save
-        Path to write the finished figure to (format from the suffix, e.g. ``"methods.png"``).
-    return_fig
-        Return the figure instead of the axes.
+    {ax}
+    {show}
+    {save}
+    {return_fig}
 
     Returns
     -------
-    The axes, unless the figure was shown (`None`) or ``return_fig`` (the figure).
+    {returns_axes}
 
     Examples
     --------

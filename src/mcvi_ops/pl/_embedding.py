@@ -22,65 +22,34 @@ from ._utils import (
     finish,
     legend_outside,
     readable,
+    shared_docs,
 )
 
 logger = logging.getLogger(__name__)
 
-#: scanpy switches from exact neighbours to pynndescent from this many cells on
-_APPROXIMATE_FROM = 8192
 
+def _umap_of(adata: AnnData, rep: str, reps: Sequence[str]) -> str:
+    """The ``.obsm`` key of the stored UMAP of ``rep``, or an error naming what to run.
 
-def _approximate_knn(n_neighbors: int, seed: int, n_obs: int):
-    """Approximate k-NN (pynndescent) for scanpy that returns a ``csr_matrix``.
-
-    scanpy 1.11.5 calls ``getnnz`` on pynndescent's result, a ``csr_array`` that no longer has
-    it, so neighbours of more than 8,192 cells fail; a ``csr_matrix`` has it.
+    The UMAP of ``tl.umaps`` (``.obsm[f"X_umap_{rep}"]``), or scanpy's own ``.obsm["X_umap"]``
+    when ``.uns["neighbors"]`` was computed on ``rep`` (``sc.pp.neighbors(adata, use_rep=rep)``
+    followed by ``sc.tl.umap(adata)``).
     """
-    import scipy.sparse
-    from pynndescent import PyNNDescentTransformer
-    from sklearn.base import BaseEstimator, TransformerMixin
+    from mcvi_ops.tl._umap import neighbors_key, umap_key
 
-    class CsrMatrixNNDescent(TransformerMixin, BaseEstimator):
-        def __init__(self, n_neighbors: int = 15, random_state: int = 0) -> None:
-            self.n_neighbors = n_neighbors
-            self.random_state = random_state
-
-        def fit_transform(self, X, y=None):
-            # UMAP's defaults for the index size, as scanpy uses them
-            inner = PyNNDescentTransformer(
-                n_neighbors=self.n_neighbors,
-                random_state=self.random_state,
-                n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)),
-                n_iters=max(5, round(np.log2(n_obs))),
-            )
-            return scipy.sparse.csr_matrix(inner.fit_transform(X))
-
-    return CsrMatrixNNDescent(n_neighbors=n_neighbors, random_state=seed)
-
-
-def _umap(adata: AnnData, rep: str, *, n_neighbors: int, recompute: bool, seed: int) -> str:
-    """Return the ``.obsm`` key of the UMAP of ``rep``, computing and storing it if needed."""
-    import scanpy as sc
-
-    umap_key = f"X_umap_{rep}"
-    if recompute or umap_key not in adata.obsm:
-        neighbors_key = f"neighbors_{rep}"
-        transformer = (
-            _approximate_knn(n_neighbors, seed, adata.n_obs)
-            if adata.n_obs >= _APPROXIMATE_FROM
-            else None
-        )
-        sc.pp.neighbors(
-            adata,
-            use_rep=rep,
-            n_neighbors=n_neighbors,
-            key_added=neighbors_key,
-            random_state=seed,
-            transformer=transformer,
-        )
-        sc.tl.umap(adata, neighbors_key=neighbors_key, key_added=umap_key, random_state=seed)
-        logger.info("Stored the UMAP of %r in .obsm[%r].", rep, umap_key)
-    return umap_key
+    if umap_key(rep) in adata.obsm:
+        return umap_key(rep)
+    params = adata.uns.get("neighbors", {}).get("params", {})
+    if "X_umap" in adata.obsm and params.get("use_rep") == rep:
+        return "X_umap"
+    msg = (
+        f"Did not find a UMAP of .obsm[{rep!r}] (in .obsm[{umap_key(rep)!r}], or .obsm['X_umap'] "
+        f"with .uns['neighbors'] computed on {rep!r}). Run `mcvi_ops.tl.umaps(adata, "
+        f"use_rep={list(reps)!r})` first, or `sc.pp.neighbors(adata, use_rep={rep!r}, "
+        f"key_added={neighbors_key(rep)!r})` and `sc.tl.umap(adata, "
+        f"neighbors_key={neighbors_key(rep)!r}, key_added={umap_key(rep)!r})`."
+    )
+    raise KeyError(msg)
 
 
 def _is_categorical(adata: AnnData, color: str | None) -> bool:
@@ -207,13 +176,112 @@ def _legend_inches(labels: Sequence[str]) -> float:
     return 0.3 + sum(0.35 + 0.065 * max(len(label) for label in col) for col in columns)
 
 
+def _check_options(legend_loc, max_categories: int | None, kwargs: Mapping) -> str:
+    """The legend placement (``None`` is ``"none"``), refusing options that are not plot options."""
+    computing = sorted({"n_neighbors", "recompute"} & set(kwargs))
+    if computing:
+        msg = (
+            f"`salient_background` plots stored UMAPs and no longer computes them, so it takes no "
+            f"{computing}. Run `mcvi_ops.tl.umaps(adata, use_rep=reps, n_neighbors=...)` first."
+        )
+        raise TypeError(msg)
+    if legend_loc is None:
+        legend_loc = "none"
+    if legend_loc not in ("right margin", "on data", "none"):
+        msg = f"`legend_loc` must be 'right margin', 'on data' or 'none', got {legend_loc!r}."
+        raise ValueError(msg)
+    if max_categories is not None and max_categories < 1:
+        msg = f"`max_categories` must be a positive integer or None, got {max_categories!r}."
+        raise ValueError(msg)
+    return legend_loc
+
+
+def _given_axes(ax, axs, reps: Sequence[str]):
+    """The axes the caller gave (``ax`` for one representation, or ``axs``), or `None`."""
+    if ax is None:
+        return axs
+    if axs is not None:
+        msg = "Pass either `ax` (one representation) or `axs` (one axes per rep), not both."
+        raise ValueError(msg)
+    if len(reps) != 1:
+        msg = (
+            f"`ax` takes one panel but there are {len(reps)} representations {list(reps)}; pass "
+            "`axs` with one axes per rep."
+        )
+        raise ValueError(msg)
+    return [ax]
+
+
+def _categorical_drawing(
+    adata: AnnData, color: str, *, control_category, max_categories: int | None, palette, seed: int
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, str]]:
+    """What the panels of a categorical colour draw: labels in drawing order, the order, colours.
+
+    Controls first, then cells without a value, then "other", then the rest in a random order
+    fixed by ``seed``.
+    """
+    if control_category is None:
+        controls: set[str] = set()
+    elif isinstance(control_category, str):
+        controls = {control_category}
+    else:
+        controls = {str(c) for c in control_category}
+    drawn, layer, colors = _plot_groups(
+        adata, color, controls=controls, max_categories=max_categories, palette=palette
+    )
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.permutation(adata.n_obs), layer))
+    obs = pd.DataFrame({color: drawn.to_numpy()[order]}, index=np.arange(order.size).astype(str))
+    obs[color] = pd.Categorical(obs[color], categories=list(colors))
+    return obs, order, colors
+
+
+def _draw_panel(
+    adata: AnnData,
+    basis: str,
+    ax,
+    *,
+    color: str | None,
+    title: str,
+    categorical: tuple[pd.DataFrame, np.ndarray, dict[str, str]] | None,
+    legend_loc: str,
+    kwargs: Mapping,
+) -> None:
+    """One UMAP panel, through :func:`scanpy.pl.embedding`."""
+    import scanpy as sc
+
+    if categorical is not None:
+        obs, order, colors = categorical
+        view = AnnData(obs=obs)
+        view.obsm["X_umap"] = np.asarray(adata.obsm[basis])[order]
+        sc.pl.embedding(
+            view,
+            basis="X_umap",
+            color=color,
+            palette=colors,
+            legend_loc="on data" if legend_loc == "on data" else "none",
+            na_in_legend=False,
+            sort_order=False,
+            ax=ax,
+            show=False,
+            title=title,
+            **kwargs,
+        )
+    else:
+        sc.pl.embedding(adata, basis=basis, color=color, ax=ax, show=False, title=title, **kwargs)
+        mappable = ax.collections[-1] if ax.collections else None
+        if color is not None and getattr(mappable, "colorbar", None) is not None:
+            mappable.colorbar.set_label(readable(color))
+    ax.set_xlabel("UMAP1")
+    ax.set_ylabel("UMAP2")
+
+
+@shared_docs
 def salient_background(
     adata: AnnData,
     *,
     color: str | None = None,
     reps: Sequence[str] = ("X_mcvae_salient", "X_mcvae_background"),
-    n_neighbors: int = 15,
-    recompute: bool = False,
     seed: int = 0,
     axs=None,
     show: bool | None = None,
@@ -228,9 +296,10 @@ def salient_background(
 ):
     """UMAPs of several embeddings (by default salient and background) side by side.
 
-    For each representation ``rep`` the neighbour graph is stored under ``f"neighbors_{rep}"`` and
-    the UMAP under ``.obsm[f"X_umap_{rep}"]``; existing results are reused unless ``recompute``.
-    ``.obsm["X_umap"]`` and ``.uns["neighbors"]`` are never touched.
+    The UMAPs are read, never computed: :func:`mcvi_ops.tl.umaps` stores the UMAP of each
+    representation ``rep`` under ``.obsm[f"X_umap_{rep}"]`` (for one representation, scanpy's
+    ``.obsm["X_umap"]`` also serves when ``.uns["neighbors"]`` was computed on it). A missing UMAP
+    raises an error naming what to run.
 
     When ``color`` is a categorical ``.obs`` column, the panels share one legend, to the right of
     the last panel (outside all axes), and:
@@ -247,28 +316,20 @@ def salient_background(
     Parameters
     ----------
     adata
-        Cells (or guides/genes) with the embeddings in ``.obsm``.
+        Cells (or guides/genes) with the embeddings and their UMAPs in ``.obsm``.
     color
         Obs column or variable to colour by (passed to :func:`scanpy.pl.embedding`).
     reps
         Keys of ``.obsm``, one panel each.
-    n_neighbors
-        Passed to :func:`scanpy.pp.neighbors`.
-    recompute
-        Recompute neighbours and UMAP even if stored.
     seed
-        Random state of neighbours, UMAP and drawing order.
+        Random state of the drawing order.
     axs
         Sequence of axes, one per representation; a new figure if `None`.
-    show
-        Show the figure. `None` shows it unless ``ax``/``axs`` or ``return_fig`` is given.
-    save
-        Path to write the figure to once all panels are drawn (format from the suffix, e.g.
-        ``"umaps.png"``, ``"umaps.pdf"``); the legend outside the axes is included.
+    {show}
+    {save}
     ax
         Axes to draw into when there is one representation (the same as ``axs=[ax]``).
-    return_fig
-        Return the figure instead of the axes.
+    {return_fig}
     title
         Title of each panel; by default a readable name of each representation
         (``"X_mcvae_salient"`` -> ``"mcVAE salient"``).
@@ -290,116 +351,55 @@ def salient_background(
 
     Examples
     --------
+    >>> mcvi_ops.tl.umaps(
+    ...     adata, use_rep=["X_mcvae_salient", "X_mcvae_background"]
+    ... )  # doctest: +SKIP
     >>> mcvi_ops.pl.salient_background(
     ...     adata, color="gene_symbol", save="umaps.png"
     ... )  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
-    import scanpy as sc
 
     reps = list(reps)
-    for rep in reps:
-        if rep not in adata.obsm:
-            msg = (
-                f"Did not find .obsm[{rep!r}]; available keys are {list(adata.obsm.keys())}. "
-                "Run `model.get_latent_representation(...)` first."
-            )
-            raise KeyError(msg)
-    if legend_loc is None:
-        legend_loc = "none"
-    if legend_loc not in ("right margin", "on data", "none"):
-        msg = f"`legend_loc` must be 'right margin', 'on data' or 'none', got {legend_loc!r}."
-        raise ValueError(msg)
-    if max_categories is not None and max_categories < 1:
-        msg = f"`max_categories` must be a positive integer or None, got {max_categories!r}."
-        raise ValueError(msg)
-    if ax is not None:
-        if axs is not None:
-            msg = "Pass either `ax` (one representation) or `axs` (one axes per rep), not both."
-            raise ValueError(msg)
-        if len(reps) != 1:
-            msg = (
-                f"`ax` takes one panel but there are {len(reps)} representations {reps}; pass "
-                "`axs` with one axes per rep."
-            )
-            raise ValueError(msg)
-        axs = [ax]
+    legend_loc = _check_options(legend_loc, max_categories, kwargs)
+    bases = [_umap_of(adata, rep, reps) for rep in reps]
+    axs = _given_axes(ax, axs, reps)
     save_path = check_save(save)
     titles = as_list(title, len(reps), "titles")
-    categorical = _is_categorical(adata, color)
-    if categorical:
-        if control_category is None:
-            controls = set()
-        elif isinstance(control_category, str):
-            controls = {control_category}
-        else:
-            controls = {str(c) for c in control_category}
-        drawn, layer, colors = _plot_groups(
+    categorical = None
+    if _is_categorical(adata, color):
+        categorical = _categorical_drawing(
             adata,
             color,
-            controls=controls,
+            control_category=control_category,
             max_categories=max_categories,
             palette=kwargs.pop("palette", None),
+            seed=seed,
         )
-        rng = np.random.default_rng(seed)
-        order = np.lexsort((rng.permutation(adata.n_obs), layer))
-        obs = pd.DataFrame(
-            {color: drawn.to_numpy()[order]}, index=np.arange(order.size).astype(str)
-        )
-        obs[color] = pd.Categorical(obs[color], categories=list(colors))
     ax_given = axs is not None
     if axs is None:
         extra = 0.6
-        if categorical and legend_loc == "right margin":
-            extra = _legend_inches([*colors, readable(color)])
-        fig, axs = plt.subplots(
-            1,
-            len(reps),
-            figsize=(4 * len(reps) + extra, 4),
-            squeeze=False,
-            layout="constrained",
-        )
-        axs = list(axs.ravel())
+        if categorical is not None and legend_loc == "right margin":
+            extra = _legend_inches([*categorical[2], readable(color)])
+        size = (4 * len(reps) + extra, 4)
+        _, axs = plt.subplots(1, len(reps), figsize=size, squeeze=False, layout="constrained")
     axs = list(np.ravel(np.asarray(axs, dtype=object)))
     if len(axs) != len(reps):
         msg = f"Got {len(axs)} axes for {len(reps)} representations; pass one axis per rep."
         raise ValueError(msg)
-    fig = axs[0].figure
-
-    for rep, panel_ax, panel_title in zip(reps, axs, titles, strict=True):
-        umap_key = _umap(adata, rep, n_neighbors=n_neighbors, recompute=recompute, seed=seed)
-        panel_title = readable(rep) if panel_title is None else panel_title
-        if categorical:
-            view = AnnData(obs=obs)
-            view.obsm["X_umap"] = np.asarray(adata.obsm[umap_key])[order]
-            sc.pl.embedding(
-                view,
-                basis="X_umap",
-                color=color,
-                palette=colors,
-                legend_loc="on data" if legend_loc == "on data" else "none",
-                na_in_legend=False,
-                sort_order=False,
-                ax=panel_ax,
-                show=False,
-                title=panel_title,
-                **kwargs,
-            )
-        else:
-            sc.pl.embedding(
-                adata,
-                basis=umap_key,
-                color=color,
-                ax=panel_ax,
-                show=False,
-                title=panel_title,
-                **kwargs,
-            )
-            mappable = panel_ax.collections[-1] if panel_ax.collections else None
-            if color is not None and getattr(mappable, "colorbar", None) is not None:
-                mappable.colorbar.set_label(readable(color))
-        panel_ax.set_xlabel("UMAP1")
-        panel_ax.set_ylabel("UMAP2")
-    if categorical and legend_loc == "right margin":
+    for rep, basis, panel_ax, panel_title in zip(reps, bases, axs, titles, strict=True):
+        _draw_panel(
+            adata,
+            basis,
+            panel_ax,
+            color=color,
+            title=readable(rep) if panel_title is None else panel_title,
+            categorical=categorical,
+            legend_loc=legend_loc,
+            kwargs=kwargs,
+        )
+    if categorical is not None and legend_loc == "right margin":
+        colors = categorical[2]
         legend_outside(axs[-1], _legend_handles(colors), list(colors), title=readable(color))
+    fig = axs[0].figure
     return finish(fig, axs, show=show, save=save_path, return_fig=return_fig, ax_given=ax_given)

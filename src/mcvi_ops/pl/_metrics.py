@@ -19,6 +19,7 @@ from ._utils import (
     mark_missing,
     new_axes,
     readable,
+    shared_docs,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def _average_precision(entry: Mapping, source: str) -> float | None:
     return float(hit["value"].iloc[0]) if len(hit) else None
 
 
+@shared_docs
 def precision_recall(
     data: AnnData | Mapping[str, AnnData],
     *,
@@ -73,18 +75,14 @@ def precision_recall(
         The ``key_added`` used when scoring.
     baseline
         Draw the prevalence (the precision of a random ranking) as a dashed line.
-    ax
-        Axes to draw into; a new figure if `None`.
-    show
-        Show the figure. `None` shows it unless ``ax`` or ``return_fig`` is given.
-    save
-        Path to write the finished figure to (format from the suffix, e.g. ``"pr.pdf"``).
-    return_fig
-        Return the figure instead of the axes.
+    {ax}
+    {show}
+    {save}
+    {return_fig}
 
     Returns
     -------
-    The axes, unless the figure was shown (`None`) or ``return_fig`` (the figure).
+    {returns_axes}
 
     Examples
     --------
@@ -149,6 +147,7 @@ def _leakage_table(data: AnnData | pd.DataFrame, key: str) -> pd.DataFrame:
     return data
 
 
+@shared_docs
 def technical_covariates(
     data: AnnData | pd.DataFrame,
     *,
@@ -182,20 +181,16 @@ def technical_covariates(
         ``"auroc"`` (chance 0.5) or ``"macro_f1"`` (chance from the class frequencies).
     key
         The ``key_added`` used when scoring (for AnnData input).
-    ax
-        Axes to draw into; a new figure if `None`.
-    show
-        Show the figure. `None` shows it unless ``ax`` or ``return_fig`` is given.
+    {ax}
+    {show}
     kind
         ``"distance"`` or ``"score"``, see above.
-    save
-        Path to write the finished figure to (format from the suffix, e.g. ``"leakage.png"``).
-    return_fig
-        Return the figure instead of the axes.
+    {save}
+    {return_fig}
 
     Returns
     -------
-    The axes, unless the figure was shown (`None`) or ``return_fig`` (the figure).
+    {returns_axes}
 
     Examples
     --------
@@ -283,6 +278,7 @@ def technical_covariates(
     return finish(fig, ax, show=show, save=save_path, return_fig=return_fig, ax_given=ax_given)
 
 
+@shared_docs
 def confusion_matrix(
     result: Mapping,
     *,
@@ -304,20 +300,16 @@ def confusion_matrix(
         Write the fractions into the cells.
     cmap
         Matplotlib colour map.
-    ax
-        Axes to draw into; a new figure if `None`.
-    show
-        Show the figure. `None` shows it unless ``ax`` or ``return_fig`` is given.
+    {ax}
+    {show}
     title
         Title of the axes.
-    save
-        Path to write the finished figure to (format from the suffix, e.g. ``"confusion.png"``).
-    return_fig
-        Return the figure instead of the axes.
+    {save}
+    {return_fig}
 
     Returns
     -------
-    The axes, unless the figure was shown (`None`) or ``return_fig`` (the figure).
+    {returns_axes}
 
     Examples
     --------
@@ -355,6 +347,7 @@ def confusion_matrix(
     return finish(fig, ax, show=show, save=save_path, return_fig=return_fig, ax_given=ax_given)
 
 
+@shared_docs
 def recall_difference(
     diff: pd.DataFrame,
     *,
@@ -372,18 +365,14 @@ def recall_difference(
     ----------
     diff
         Output of :func:`~mcvi_ops.metrics.recall_difference`.
-    ax
-        Axes to draw into; a new figure if `None`.
-    show
-        Show the figure. `None` shows it unless ``ax`` or ``return_fig`` is given.
-    save
-        Path to write the finished figure to (format from the suffix, e.g. ``"recall.png"``).
-    return_fig
-        Return the figure instead of the axes.
+    {ax}
+    {show}
+    {save}
+    {return_fig}
 
     Returns
     -------
-    The axes, unless the figure was shown (`None`) or ``return_fig`` (the figure).
+    {returns_axes}
 
     Examples
     --------

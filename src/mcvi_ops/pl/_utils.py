@@ -4,12 +4,57 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from mcvi_ops._constants import OBSM
 
 logger = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable)
+
+#: the documentation of what every plot takes and returns, written once: a docstring line that
+#: holds only ``{name}`` (one of these keys) becomes the entry, at that line's indentation
+SHARED_DOCS = {
+    "ax": "ax\n    Axes to draw into; a new figure if `None`.",
+    "show": (
+        "show\n    Show the figure. `None` shows it unless axes to draw into or ``return_fig`` are\n"
+        "    given."
+    ),
+    "save": (
+        "save\n    Path to write the figure to, once it is finished (every panel and the legend "
+        'outside\n    the axes); the format comes from the suffix, e.g. ``"figure.png"`` or\n'
+        '    ``"figure.pdf"``.'
+    ),
+    "return_fig": "return_fig\n    Return the figure instead of the axes.",
+    "returns_axes": (
+        "The axes, unless the figure was shown (`None`) or ``return_fig`` (the figure)."
+    ),
+}
+
+
+def shared_docs(func: _F) -> _F:
+    """Fill the ``{ax}``, ``{show}``, ``{save}``, ... lines of ``func``'s docstring.
+
+    Each line holding only a key of :data:`SHARED_DOCS` in braces is replaced by that entry,
+    indented like the line; docstrings stripped by ``python -OO`` stay `None`.
+    """
+    if not func.__doc__:
+        return func
+    lines: list[str] = []
+    for line in func.__doc__.splitlines():
+        key = line.strip()
+        if key.startswith("{") and key.endswith("}") and key[1:-1] in SHARED_DOCS:
+            indent = line[: len(line) - len(line.lstrip())]
+            lines += [
+                indent + part if part else part for part in SHARED_DOCS[key[1:-1]].split("\n")
+            ]
+        else:
+            lines.append(line)
+    func.__doc__ = "\n".join(lines)
+    return func
+
 
 #: colour of control cells (drawn underneath everything else)
 CONTROL_COLOR = "#d3d3d3"

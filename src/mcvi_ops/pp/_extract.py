@@ -14,10 +14,10 @@ from anndata import AnnData
 
 from mcvi_ops._constants import UNS
 from mcvi_ops.data import link_crops, open_crops
+from mcvi_ops.data._images import ChannelAxis, MissingTileError
 from mcvi_ops.data._link import write_h5ad
+from mcvi_ops.data._tables import Preset, as_cell_table, resolve_columns, unique_cell_ids
 from mcvi_ops.data._writer import check_channel_names
-from mcvi_ops.io._images import ChannelAxis, MissingTileError
-from mcvi_ops.io._tables import Preset, as_cell_table, resolve_columns, unique_cell_ids
 
 from ._align import _check_percentiles
 from ._parallel import DaskPool, LocalPool, run_parallel, run_serial

@@ -354,12 +354,3 @@ def _check_factors(factors: np.ndarray, adata: AnnData, batch_key: str | None) -
             "and their crops; a lower `degree` fits a smoother surface."
         )
         raise ValueError(msg)
-
-
-def apply_intensity_factors(
-    crops: np.ndarray, factors: np.ndarray, dark_level: np.ndarray
-) -> np.ndarray:
-    """Divide crops ``(n, C, H, W)`` by per-cell factors ``(n, C)`` above the dark level."""
-    dark = np.asarray(dark_level, dtype=np.float32)[None, :, None, None]
-    scaled = (crops.astype(np.float32) - dark) / np.asarray(factors, np.float32)[:, :, None, None]
-    return scaled + dark

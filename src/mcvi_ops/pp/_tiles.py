@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mcvi_ops.io._images import (
+from mcvi_ops.data._images import (
     UnreadableImageError,
     image_files,
     read_image,

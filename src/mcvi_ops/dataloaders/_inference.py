@@ -11,8 +11,9 @@ from scvi.data import AnnDataManager
 from tqdm.auto import tqdm
 
 from mcvi_ops._constants import CROP_INDEX_KEY, IMAGE_KEY
-from mcvi_ops.dataloaders import CropDataLoader
-from mcvi_ops.train._callbacks import check_finite_batch
+
+from ._checks import check_finite_batch
+from ._loader import CropDataLoader
 
 #: show a progress bar by default when embedding takes more minibatches than this
 PROGRESS_MIN_BATCHES = 10
