@@ -8,10 +8,22 @@ messages through propagation, so nothing is printed twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import sys
+from collections.abc import Iterator
 
 PACKAGE_LOGGER = "mcvi_ops"
+
+#: the loggers of Lightning's ``rank_zero_info`` messages
+_LIGHTNING_INFO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning_utilities.core.rank_zero",
+)
+#: Lightning's advertisements of its cloud services, printed by every new Trainer
+_ADVERTISEMENT = re.compile(r"litlogger|litmodels|Lightning (Experiments|model registry)", re.I)
 
 
 class _PackageHandler(logging.StreamHandler):
@@ -50,6 +62,45 @@ def setup_logging(level: int | str | None = None) -> logging.Logger:
     elif logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
     return logger
+
+
+class _NoAdvertisements(logging.Filter):
+    """Drops third-party advertisements (Lightning's cloud-service tips), keeps everything else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _ADVERTISEMENT.search(record.getMessage())
+
+
+@contextlib.contextmanager
+def without_advertisements() -> Iterator[None]:
+    """Within the block, Lightning's tips for its cloud services are not logged.
+
+    Only while training runs: other messages of Lightning, and its loggers outside the block,
+    are left as they are.
+    """
+    no_ads = _NoAdvertisements()
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_INFO_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(no_ads)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(no_ads)
+
+
+def interactive_output() -> bool:
+    """Whether standard output is a terminal or a notebook, where progress bars redraw in place.
+
+    In a log file (batch jobs, CI) every refresh of a bar is another line, so progress is
+    reported a line at a time instead.
+    """
+    isatty = getattr(sys.stdout, "isatty", None)
+    if isatty is not None and isatty():
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"  # Jupyter, VS Code notebooks
 
 
 class Settings:

@@ -21,7 +21,7 @@ def test_every_parameter_changes_after_training(screen):
     model = _model(screen)
     before = {k: v.detach().clone() for k, v in model.module.named_parameters()}
     # prior means only learn through the KL term, so let its weight leave 0 within the epoch
-    model.train(**FAST_TRAIN, n_steps_kl_warmup=2)
+    model.train(**FAST_TRAIN, plan_kwargs={"n_steps_kl_warmup": 2})
     for name, value in model.module.named_parameters():
         if name == "background_prior_mean.weight":
             # the control row is masked to 0 and never learned; every other row is

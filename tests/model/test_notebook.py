@@ -71,7 +71,8 @@ def test_verbosity_setting():
         logging.getLogger("mcvi_ops").setLevel(old)
 
 
-def test_training_progress_bar_moves_per_step_with_cells_per_second(screen, capsys):
+def test_training_progress_bar_moves_per_step_with_cells_per_second(screen, capsys, monkeypatch):
+    monkeypatch.setattr("mcvi_ops.model._train.interactive_output", lambda: True)  # a terminal
     model = _model(screen)
     model.train(max_epochs=1, batch_size=64, enable_progress_bar=True, train_size=1.0)
     err = capsys.readouterr().out  # Lightning's bars write to stdout
@@ -83,13 +84,40 @@ def test_training_progress_bar_moves_per_step_with_cells_per_second(screen, caps
     assert model.trainer.progress_bar_callback.cells_per_second > 0
 
 
-def test_embedding_progress_bar(screen, capsys):
+def test_progress_in_a_log_file_is_one_line_per_epoch(screen, capsys, caplog):
+    model = _model(screen)
+    with caplog.at_level(logging.INFO, logger="mcvi_ops"):
+        model.train(max_epochs=2, batch_size=64, enable_progress_bar=True)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err  # no bar redrawn line after line
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Epoch ")]
+    assert len(lines) == 2
+    pattern = r"Epoch 1/2: train_loss [\d.e+-]+, validation_loss [\d.e+-]+, [\d,]+ cells/s, \d+ s"
+    assert re.fullmatch(pattern, lines[0]), lines[0]
+    assert lines[1].startswith("Epoch 2/2: ")
+
+
+def test_no_lightning_advertisement_in_the_output(screen, capsys, caplog):
+    model = _model(screen)
+    with caplog.at_level(logging.INFO):
+        model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err + caplog.text
+    assert "GPU available" in shown  # Lightning's other messages are still there
+    assert not re.search("litlogger|litmodels|Tip:", shown)
+    assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").filters  # scoped
+
+
+def test_embedding_progress_bar(screen, capsys, monkeypatch):
     model = _model(screen)
     model.is_trained_ = True
     model.get_latent_representation(batch_size=32, progress_bar=True)
     assert f"{screen.n_obs}/{screen.n_obs}" in capsys.readouterr().err
     model.get_reconstruction(indices=range(100), batch_size=8, progress_bar=None)  # 13 batches
-    assert "100/100" in capsys.readouterr().err
+    assert "100/100" not in capsys.readouterr().err  # a log file: no bar by default
+    monkeypatch.setattr("mcvi_ops.dataloaders._inference.interactive_output", lambda: True)
+    model.get_reconstruction(indices=range(100), batch_size=8, progress_bar=None)
+    assert "100/100" in capsys.readouterr().err  # a terminal: a bar for long runs
     model.get_latent_representation(batch_size=32, progress_bar=False)
     model.get_latent_representation(batch_size=128)  # 3 batches: quiet by default
     assert f"/{screen.n_obs}" not in capsys.readouterr().err

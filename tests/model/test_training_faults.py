@@ -244,3 +244,40 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_last_one_kept(
     assert (folder / "last.ckpt").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
     assert "validation_loss" in model.history  # the history so far is kept
+
+
+def test_default_checkpoints_are_named_and_removed_by_save(screen, tmp_path, caplog):
+    model = _model(screen)
+    with caplog.at_level("INFO", logger="mcvi_ops"):
+        model.train(**FAST_TRAIN)
+    folder = model._temporary_checkpoints
+    assert folder.parent.parent == scvi.settings.logging_dir  # scvi_log/<run>/checkpoints
+    assert (folder / "last.ckpt").is_file()
+    assert f"Checkpoints of this run: {folder}" in caplog.text
+    model.save(tmp_path / "model")
+    assert not folder.exists() and not folder.parent.exists()
+    assert "Removed the checkpoints of training" in caplog.text
+
+    chosen = tmp_path / "mine"
+    model.train(**FAST_TRAIN, checkpoint_dir=chosen)
+    model.save(tmp_path / "model", overwrite=True)
+    assert (chosen / "last.ckpt").is_file()  # a folder the user chose is kept
+
+
+def test_arguments_moved_into_groups_still_work_with_a_warning(screen, monkeypatch):
+    seen = {}
+    model = _model(screen)
+    original = type(model)._data_splitter_cls
+
+    def splitter(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_data_splitter_cls", splitter)
+    with pytest.warns(FutureWarning, match=r"plan_kwargs=\{'weight_decay': 1e-06\}"):
+        with pytest.warns(FutureWarning, match=r"datasplitter_kwargs=\{'window_chunks': 2\}"):
+            model.train(**FAST_TRAIN, weight_decay=1e-6, window_chunks=2)
+    assert seen["window_chunks"] == 2
+    plan = model.trainer.lightning_module
+    assert plan.weight_decay == 1e-6
+    assert plan.eps == 1e-8  # the image models' Adam epsilon stays

@@ -395,6 +395,10 @@ def _train(args: argparse.Namespace) -> int:
         },
     )
     print(f"Wrote the model to {model_dir} and the losses to {out / HISTORY_NAME}.")
+    print(
+        f"Checkpoints: {out / CHECKPOINT_DIR} (--resume with a higher --max-epochs trains "
+        "longer from them; delete the folder once you no longer need to)."
+    )
     print(f"Embeddings (X_mcvae_salient, X_mcvae_background, X_mcvae): {out / SCREEN_NAME}")
     return 0
 

@@ -11,6 +11,7 @@ from scvi.data import AnnDataManager
 from tqdm.auto import tqdm
 
 from mcvi_ops._constants import CROP_INDEX_KEY, IMAGE_KEY
+from mcvi_ops._logging import interactive_output
 
 from ._checks import check_finite_batch
 from ._loader import CropDataLoader
@@ -35,8 +36,8 @@ class InferenceLoader(CropDataLoader):
     intensity_map
         ``[scale, offset]`` per channel applied to the raw crops (`None`: none).
     progress_bar
-        Show a progress bar; `None`: when there are more than
-        :data:`PROGRESS_MIN_BATCHES` minibatches.
+        Show a progress bar; `None`: when there are more than :data:`PROGRESS_MIN_BATCHES`
+        minibatches and the output is a terminal or a notebook (not a log file).
     description
         Label of the progress bar.
     **kwargs
@@ -57,9 +58,10 @@ class InferenceLoader(CropDataLoader):
         self.intensity_map = (
             None if intensity_map is None else torch.as_tensor(intensity_map, dtype=torch.float32)
         )
-        self.progress_bar = (
-            len(self) > PROGRESS_MIN_BATCHES if progress_bar is None else bool(progress_bar)
-        )
+        if progress_bar is None:
+            # in a log file every refresh of the bar would be another line
+            progress_bar = len(self) > PROGRESS_MIN_BATCHES and interactive_output()
+        self.progress_bar = bool(progress_bar)
         self.description = description
         self._obs_names = np.asarray(adata_manager.adata.obs_names)
 

@@ -320,7 +320,7 @@ class BaseImageModel(SafeSaveLoadMixin, ImageTrainingMixin, VAEMixin, BaseModelC
         inverse_transform
             Return raw-intensity images instead of the model's [-1, 1] scale.
         progress_bar
-            Show a progress bar; `None`: when there are more than 10 minibatches.
+            Show a progress bar; `None`: for more than 10 minibatches in a terminal or notebook.
 
         Returns
         -------

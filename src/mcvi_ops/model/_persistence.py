@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from anndata import AnnData, read_h5ad
@@ -83,7 +85,8 @@ class SafeSaveLoadMixin:
         -----
         The files are written under temporary names and renamed into place once complete, so a
         save that fails part way (disk full, Ctrl-C) leaves the model saved there before
-        loadable.
+        loadable. Once saved, the checkpoints that ``train()`` wrote to its default folder (under
+        ``scvi.settings.logging_dir``) are removed; a ``checkpoint_dir`` you chose is kept.
 
         Examples
         --------
@@ -102,6 +105,28 @@ class SafeSaveLoadMixin:
             _save_load.save_atomically(dir_path, write, overwrite=overwrite)
         finally:
             self.registry_ = registry
+        self._remove_temporary_checkpoints(dir_path)
+
+    def _remove_temporary_checkpoints(self, saved_to: str | os.PathLike) -> None:
+        """Remove the checkpoints ``train()`` wrote to its default folder: the model replaces them.
+
+        A ``checkpoint_dir`` the user chose is never removed (``_temporary_checkpoints`` is only
+        set for the default one).
+        """
+        folder = getattr(self, "_temporary_checkpoints", None)
+        if folder is None:
+            return
+        self._temporary_checkpoints = None
+        if not Path(folder).is_dir():
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path(folder).parent.rmdir()  # the run's folder, when nothing else is in it
+        logger.info(
+            "Removed the checkpoints of training (%s): the model saved to %s replaces them.",
+            folder,
+            saved_to,
+        )
 
     @classmethod
     def load(

@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from scvi import REGISTRY_KEYS
 
 # NonFiniteCropsError and its message are defined with the loaders' checks (one home) and stay
@@ -418,3 +418,59 @@ class CellsPerSecondBar(TQDMProgressBar):
         if self.cells_per_second:
             items["cells/s"] = f"{self.cells_per_second:,.0f}"
         return items
+
+
+class EpochProgressLog(ProgressBar):
+    """One log line per epoch (losses, cells per second, time): progress for log files.
+
+    ``train()`` reports progress with it instead of :class:`CellsPerSecondBar` when standard
+    output is neither a terminal nor a notebook (batch jobs, CI), where every refresh of a bar
+    would be another line.
+
+    Examples
+    --------
+    >>> model.train(max_epochs=2)  # doctest: +SKIP
+    INFO mcvi_ops.train._callbacks: Epoch 1/2: train_loss 2.1e+04, validation_loss 2.1e+04, 502 cells/s, 9 s
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._cells = 0
+        self._start = time.perf_counter()
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._cells, self._start = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._cells += len(batch[REGISTRY_KEYS.X_KEY])
+
+    def line(self, trainer) -> str:
+        """The line of the epoch that just ended."""
+        seconds = time.perf_counter() - self._start
+        metrics = trainer.callback_metrics
+        losses = []
+        for name, keys in (
+            ("train_loss", ("train_loss_epoch", "train_loss")),
+            ("validation_loss", ("validation_loss",)),
+        ):
+            key = next((k for k in keys if k in metrics), None)
+            if key is not None:
+                losses.append(f"{name} {float(metrics[key]):.3g}")
+        rate = f"{self._cells / max(seconds, 1e-9):,.0f} cells/s"
+        epochs = f"{trainer.current_epoch + 1}/{trainer.max_epochs}"
+        return f"Epoch {epochs}: {', '.join([*losses, rate, f'{seconds:.0f} s'])}"
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._enabled and not trainer.sanity_checking:
+            logger.info("%s", self.line(trainer))

@@ -14,6 +14,7 @@ from scvi import REGISTRY_KEYS
 from scvi.train import TrainRunner
 
 from mcvi_ops._constants import PERTURBATION_KEY
+from mcvi_ops._logging import without_advertisements
 
 from ._callbacks import (
     DivergenceGuard,
@@ -37,6 +38,7 @@ class ImageTrainRunner(TrainRunner):
     - Errors propagate unchanged, after the history is kept (without scvi-tools' misleading
       ``Exception raised during training. <class 'NameError'>`` print).
     - Resuming from ``ckpt_path`` loads the checkpoint with ``weights_only=True`` (no code runs).
+    - Lightning's advertisements of its cloud services are not logged.
 
     Examples
     --------
@@ -44,6 +46,10 @@ class ImageTrainRunner(TrainRunner):
 
     >>> model.train(max_epochs=10, checkpoint_dir="run1")  # doctest: +SKIP
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        with without_advertisements():  # the Trainer made here advertises Lightning's cloud
+            super().__init__(*args, **kwargs)
 
     def _callback(self, cls):
         return next((c for c in self.trainer.callbacks if isinstance(c, cls)), None)
@@ -88,7 +94,8 @@ class ImageTrainRunner(TrainRunner):
             fit_kwargs["weights_only"] = True
         with StopOnInterrupt(self.trainer) as interrupt:
             try:
-                self.trainer.fit(self.training_plan, self.data_splitter, **fit_kwargs)
+                with without_advertisements():
+                    self.trainer.fit(self.training_plan, self.data_splitter, **fit_kwargs)
             except BaseException as err:
                 self._update_history()
                 self._release_memory()
