@@ -23,6 +23,7 @@ from mcvi_ops.model._health import latent_activity
 
 MODELS = {
     "mcvae": (MCVAE, {"prior": "both"}),
+    "mcvae_paper": (MCVAE, {"objective": "paper"}),
     "mcvae_prior_salient": (MCVAE, {"prior": "salient"}),
     "mcvae_prior_background": (MCVAE, {"prior": "background"}),
     "cvae": (MCVAE, {"prior": "none"}),

@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["mcvae", *BASELINES],
+        default=["mcvae", "fmcvae", *BASELINES],
         choices=[*MODELS, *BASELINES],
     )
     parser.add_argument("--normalisations", nargs="+", default=list(NORMALISATIONS))

@@ -26,6 +26,7 @@ from mcvi_ops.train import DivergenceGuard, ImageTrainingPlan, ImageTrainRunner
 
 from ._feature_stats import control_statistics, covariate_trend
 from ._health import latent_activity, warn_if_collapsed
+from ._objective import Objective, objective_settings
 from ._persistence import SafeSaveLoadMixin
 from ._save_load import LOADING
 
@@ -76,11 +77,15 @@ class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseM
         Dimension of the background latent ``z``.
     prior
         Which latents get learned per-perturbation prior means (as in :class:`~mcvi_ops.MCVAE`).
+    objective
+        ``"weakly_supervised"`` (penalty 8, read-out of ``s`` with weight 10) or ``"paper"``
+        (penalty 8, no read-out). Explicit arguments below override it.
     wasserstein_penalty
-        Weight of the penalty ``||mu_s||^2 + sum(sigma_s^2)`` on control cells.
+        Weight of the penalty ``||mu_s||^2 + sum(sigma_s^2)`` on control cells (default: the
+        objective's).
     classification_weight
         Weight of the cross-entropy of a linear read-out of each cell's perturbation from ``s``
-        (0: none).
+        (0: none; default: the objective's).
     clip
         Standardised features are clipped to ``[-clip, clip]``.
     **module_kwargs
@@ -115,8 +120,9 @@ class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseM
         n_salient_latent: int = 32,
         n_background_latent: int = 32,
         prior: Literal["both", "salient", "background", "none"] = "both",
-        wasserstein_penalty: float = 8.0,
-        classification_weight: float = 0.0,
+        objective: Objective = "weakly_supervised",
+        wasserstein_penalty: float | None = None,
+        classification_weight: float | None = None,
         clip: float = 10.0,
         **module_kwargs,
     ) -> None:
@@ -142,9 +148,13 @@ class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseM
             n_salient_latent=n_salient_latent,
             n_background_latent=n_background_latent,
             prior=prior,
-            wasserstein_penalty=wasserstein_penalty,
-            classification_weight=classification_weight,
             clip=clip,
+            **objective_settings(
+                "FeatureMCVAE",
+                objective,
+                wasserstein_penalty=wasserstein_penalty,
+                classification_weight=classification_weight,
+            ),
             **module_kwargs,
         )
         self._fit_standardization()

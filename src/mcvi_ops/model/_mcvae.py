@@ -19,6 +19,7 @@ from mcvi_ops.module import MultiContrastiveVAE
 from ._base import BaseImageModel
 from ._distributed import outputs_on_devices
 from ._health import latent_activity, warn_if_collapsed
+from ._objective import Objective, objective_settings
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,14 @@ class MCVAE(BaseImageModel):
     (variation only perturbations cause). Each perturbation has learned prior means for ``z``
     and ``s``; control cells are decoded with ``s = 0`` and their ``q(s | x)`` is pulled to 0.
 
+    By default (``objective="weakly_supervised"``) two linear read-outs, one of ``s`` and one
+    of ``z``, learn each cell's perturbation from its posterior means: weak supervision with the
+    labels every screen has, without which the latents learn little that tells perturbations
+    apart (``benchmarks/results/calibration.md``). ``objective="paper"`` trains the paper's
+    objective without them. After training, :meth:`get_latent_activity` reports how alive each
+    latent is (also in ``model.history["latent_activity"]``) and a warning says when the
+    salient latent has collapsed.
+
     Parameters
     ----------
     adata
@@ -51,10 +60,18 @@ class MCVAE(BaseImageModel):
     prior
         Which latents get learned per-perturbation prior means: ``"both"`` (the mcVAE),
         ``"salient"``, ``"background"``, or ``"none"`` (the contrastive VAE, cVAE).
+    objective
+        ``"weakly_supervised"`` (penalty 8, read-outs of ``s`` and ``z`` with weight 10,000) or
+        ``"paper"`` (penalty 8, no read-out). Explicit arguments below override it.
     wasserstein_penalty
-        Weight of the penalty ``||mu_s||^2 + sum(sigma_s^2)`` on control cells. It competes with
-        a reconstruction term summed over every pixel, hence the large default (chosen by
-        measurement, see ``benchmarks/RESULTS.md``).
+        Weight of the penalty ``||mu_s||^2 + sum(sigma_s^2)`` on control cells (default: the
+        objective's).
+    classification_weight
+        Weight of the cross-entropy of the perturbation read-outs (0: none; default: the
+        objective's). It competes with a reconstruction term summed over every pixel.
+    classifier_input
+        ``"salient"``: one read-out, of ``s``; ``"both"``: also a separate one of ``z``
+        (default: the objective's).
     **module_kwargs
         More arguments of :class:`~mcvi_ops.module.MultiContrastiveVAE` (filters, likelihood
         scale, arcsinh cofactor, custom encoder/decoder networks).
@@ -82,10 +99,20 @@ class MCVAE(BaseImageModel):
         n_salient_latent: int = 32,
         n_background_latent: int = 32,
         prior: Literal["both", "salient", "background", "none"] = "both",
-        wasserstein_penalty: float = 1000.0,
+        objective: Objective = "weakly_supervised",
+        wasserstein_penalty: float | None = None,
+        classification_weight: float | None = None,
+        classifier_input: Literal["salient", "both"] | None = None,
         **module_kwargs,
     ) -> None:
         super().__init__(adata)
+        settings = objective_settings(
+            "MCVAE",
+            objective,
+            wasserstein_penalty=wasserstein_penalty,
+            classification_weight=classification_weight,
+            classifier_input=classifier_input,
+        )
         n_channels, crop_size, n_perturbations, n_batch = self._image_layout()
         self.module = self._module_cls(
             n_channels,
@@ -95,7 +122,7 @@ class MCVAE(BaseImageModel):
             n_salient_latent=n_salient_latent,
             n_background_latent=n_background_latent,
             prior=prior,
-            wasserstein_penalty=wasserstein_penalty,
+            **settings,
             **module_kwargs,
         )
         self._set_dark_level()
@@ -104,7 +131,8 @@ class MCVAE(BaseImageModel):
         self._model_summary_string = (
             f"{name}: {n_channels} channels, {crop_size[0]}x{crop_size[1]} px crops, "
             f"{n_perturbations - 1} perturbations + control, salient {n_salient_latent}-d, "
-            f"background {n_background_latent}-d, batch covariate: {n_batch > 0}"
+            f"background {n_background_latent}-d, batch covariate: {n_batch > 0}, objective: "
+            f"{objective}"
         )
         self.init_params_ = self._get_init_params(locals())
 
