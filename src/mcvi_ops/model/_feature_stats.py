@@ -3,7 +3,8 @@
 The policy, applied by :class:`~mcvi_ops.FeatureMCVAE` and kept in its saved module:
 
 - centre: the median of the batch's control cells; scale: 1.4826 times their median absolute
-  deviation (the standard deviation of normal data), computed over finite values only;
+  deviation (the standard deviation of normal data), computed over finite values only (of at
+  most 20,000 controls per batch, a seeded sample: memory does not grow with the screen);
 - a feature whose controls in a batch have no spread by that measure (counts that are mostly 0,
   say) falls back to the standard deviation of those controls, then to the pooled robust scale
   of all controls (each centred on its batch), then to their pooled standard deviation;
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 MAD_TO_SD = 1.4826
 #: fewest control cells a batch needs for its own statistics
 MIN_CONTROLS = 3
+#: most control cells per batch the statistics read (a seeded sample): memory stays flat
+MAX_CONTROLS = 20_000
 
 
 @dataclass
@@ -40,12 +43,21 @@ class ControlStatistics:
     n_fallback: int
 
 
-def _rows(matrix, rows: np.ndarray) -> np.ndarray:
-    """Rows of a dense, sparse or backed matrix as a float64 array (non-finite -> NaN)."""
+def _rows(matrix, rows: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+    """Rows (and columns) of a dense, sparse or backed matrix as float64 (non-finite -> NaN)."""
     block = matrix[rows]
     block = block.toarray() if sparse.issparse(block) else np.asarray(block)
+    if columns is not None:
+        block = block[:, columns]
     block = block.astype(np.float64, copy=False)
     return np.where(np.isfinite(block), block, np.nan)
+
+
+def _sample(rows: np.ndarray, seed: int) -> np.ndarray:
+    """At most :data:`MAX_CONTROLS` of ``rows`` (seeded), in row order."""
+    if len(rows) <= MAX_CONTROLS:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, MAX_CONTROLS, replace=False))
 
 
 def _robust(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,7 +111,7 @@ def control_statistics(
     finite_any = np.zeros(n_features, dtype=bool)
     too_few = []
     for b in range(n_rows):
-        rows = np.flatnonzero(control & (codes == b))
+        rows = _sample(np.flatnonzero(control & (codes == b)), seed=b)
         if len(rows) < MIN_CONTROLS:
             too_few.append((names[b], len(rows)))
             continue
@@ -128,10 +140,11 @@ def control_statistics(
     # pooled scales of all controls, each centred on its batch: the fallback of flat batches
     pooled_mad = np.full(n_features, np.nan)
     pooled_std = np.full(n_features, np.nan)
-    if np.any(~(mad > 0)):
-        rows = np.flatnonzero(control)
-        block = _rows(matrix, rows) - center[codes[rows]]
-        _, pooled_mad, pooled_std = _robust(block)
+    flat_columns = np.flatnonzero(np.any(~(mad > 0), axis=0))
+    if len(flat_columns):
+        rows = _sample(np.flatnonzero(control), seed=n_rows)
+        block = _rows(matrix, rows, flat_columns) - center[codes[rows]][:, flat_columns]
+        _, pooled_mad[flat_columns], pooled_std[flat_columns] = _robust(block)
     scale = mad.copy()
     n_fallback = 0
     for fallback in (std, pooled_mad[None, :], pooled_std[None, :]):
