@@ -178,23 +178,24 @@ def compute_baseline(adata, name: str, *, seed: int = 0, features=None) -> None:
 
 
 # --- models ---------------------------------------------------------------------------------
-def fit_and_embed(name, train, embed, *, seed, init=None, train_kwargs=None, corrected=True):
+#: the feature model's recommended set-up: the well as batch, the distance from the centre of
+#: the field of view as continuous covariate
+FEATURE_SETUP = {"batch_key": "batch", "continuous_covariate_keys": ["fov_distance"]}
+
+
+def fit_and_embed(
+    name, train, embed, *, seed, init=None, train_kwargs=None, corrected=True, setup=None
+):
     """Train model ``name`` on the cells of ``train``; embed the cells of ``embed``.
 
-    The feature model takes the CellProfiler tables of the same cells, with the well as batch
-    and the distance from the field-of-view centre as decoder covariate.
+    The feature model takes the CellProfiler tables of the same cells. ``setup`` replaces the
+    recommended set-up arguments (``corrected=False``: none).
     """
     cls, defaults = MODELS[name]
     scvi.settings.seed = seed
-    if cls is FeatureMCVAE:
-        setup = {"batch_key": "batch", "continuous_covariate_keys": ["fov_distance"]}
-        cls.setup_anndata(
-            train, perturbation_key=GENE, control_category=CONTROL, **(setup if corrected else {})
-        )
-    else:
-        cls.setup_anndata(
-            train, perturbation_key=GENE, control_category=CONTROL, **(SETUP if corrected else {})
-        )
+    if setup is None:
+        setup = (FEATURE_SETUP if cls is FeatureMCVAE else SETUP) if corrected else {}
+    cls.setup_anndata(train, perturbation_key=GENE, control_category=CONTROL, **setup)
     model = cls(train, **{**defaults, **(init or {})})
     start = time.perf_counter()
     options = {} if cls is FeatureMCVAE else {"save_checkpoints": False}

@@ -94,7 +94,7 @@ def baselines(adata: ad.AnnData, key: str, *, seed: int) -> list[str]:
 
 
 # --- the model under calibration ------------------------------------------------------------
-def train_on_half(adata, half_a, *, name, seed, module_kwargs, train_kwargs, key):
+def train_on_half(adata, half_a, *, name, seed, module_kwargs, train_kwargs, key, setup=None):
     """Train model ``name`` on the cells of half A; embed every cell; return seconds, curves."""
     source = adata
     if name == "fmcvae":
@@ -108,6 +108,7 @@ def train_on_half(adata, half_a, *, name, seed, module_kwargs, train_kwargs, key
         seed=seed,
         init=module_kwargs,
         train_kwargs=train_kwargs,
+        setup=setup,
     )
     n_salient = model.module.n_salient_latent
     adata.obsm["mcvae_both"] = both
@@ -156,6 +157,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the model")
     parser.add_argument("--model", choices=["mcvae", "fmcvae"], default="mcvae")
     parser.add_argument("--module", type=json.loads, default={}, help="MCVAE(...) arguments")
+    parser.add_argument(
+        "--setup", type=json.loads, default=None, help="setup_anndata() arguments instead"
+    )
     parser.add_argument("--train", type=json.loads, default={}, help="train() arguments")
     parser.add_argument("--normalisations", nargs="+", default=["none"])
     parser.add_argument("--seen", action="store_true", help="also score the training half")
@@ -189,6 +193,7 @@ def main() -> None:
         module_kwargs=args.module,
         train_kwargs=args.train,
         key=key,
+        setup=args.setup,
     )
     reps = ["mcvae_both", "mcvae_salient", "mcvae_background"]
     novelty = {"mcvae": ("mcvae_salient", "mcvae_background")}
@@ -199,6 +204,7 @@ def main() -> None:
         "seed": args.seed,
         "module": args.module,
         "train": args.train,
+        "setup": args.setup,
         "train_seconds": round(seconds, 1),
         "epochs": int(model.history["train_loss"].shape[0]),
         "machine": machine_line(),

@@ -32,6 +32,8 @@ BASELINE_SCORES = {
 
 def _settings(record: dict) -> str:
     parts = [f"{k}={v}" for k, v in {**record.get("module", {}), **record.get("train", {})}.items()]
+    if record.get("setup") is not None:
+        parts.append(f"setup={record['setup']}")
     return ", ".join(parts) or "defaults"
 
 
@@ -83,6 +85,7 @@ def write_report(runs: Path, out: Path) -> None:
             h = r["heldout"]
             row = {
                 "run": r["name"],
+                "model": r.get("model", "mcvae"),
                 "seed": r["seed"],
                 "settings": _settings(r),
                 "s": r["train_seconds"],
