@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scvi
 import torch
+from _hybrid import HybridMCVAE
 from sklearn.decomposition import PCA
 
 import mcvi_ops
@@ -30,6 +31,8 @@ MODELS = {
     "vae": (VAE, {}),
     # the same objective on CellProfiler features of the crops (needs `features=`)
     "fmcvae": (FeatureMCVAE, {}),
+    # a calibration candidate: MCVAE that also reconstructs those features (benchmarks/_hybrid.py)
+    "hybrid": (HybridMCVAE, {}),
 }
 #: what a user would run instead (CellProfiler, pixels, intensities) and the controls of training
 #: (the model's architecture with random weights, and the model before training)
@@ -195,6 +198,8 @@ def fit_and_embed(
     scvi.settings.seed = seed
     if setup is None:
         setup = (FEATURE_SETUP if cls is FeatureMCVAE else SETUP) if corrected else {}
+        if cls is HybridMCVAE:
+            setup = {**setup, "auxiliary_key": "cellprofiler_features"}
     cls.setup_anndata(train, perturbation_key=GENE, control_category=CONTROL, **setup)
     model = cls(train, **{**defaults, **(init or {})})
     start = time.perf_counter()

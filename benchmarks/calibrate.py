@@ -97,6 +97,9 @@ def baselines(adata: ad.AnnData, key: str, *, seed: int) -> list[str]:
 def train_on_half(adata, half_a, *, name, seed, module_kwargs, train_kwargs, key, setup=None):
     """Train model ``name`` on the cells of half A; embed every cell; return seconds, curves."""
     source = adata
+    if name == "hybrid":
+        table = cellprofiler_table(adata, CACHE / "baselines" / key / "cellprofiler_features.h5ad")
+        adata.obsm["cellprofiler_features"] = np.asarray(table.X, dtype=np.float32)
     if name == "fmcvae":
         source = cellprofiler_table(adata, CACHE / "baselines" / key / "cellprofiler_features.h5ad")
         source.obs = adata.obs.copy()
@@ -155,7 +158,7 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=8000)
     parser.add_argument("--screen-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="seed of the model")
-    parser.add_argument("--model", choices=["mcvae", "fmcvae"], default="mcvae")
+    parser.add_argument("--model", choices=["mcvae", "fmcvae", "hybrid"], default="mcvae")
     parser.add_argument("--module", type=json.loads, default={}, help="MCVAE(...) arguments")
     parser.add_argument(
         "--setup", type=json.loads, default=None, help="setup_anndata() arguments instead"
