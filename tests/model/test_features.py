@@ -192,7 +192,8 @@ def test_save_and_load_keep_the_standardisation(trained, tmp_path):
 def test_the_controls_trend_along_a_covariate_is_removed():
     adata = _table(n=1500, seed=4)
     distance = adata.obs["fov_distance"].to_numpy()
-    adata.X[:, 1] += (5.0 * distance**2).astype(np.float32)  # vignetting-like trend, all cells
+    adata.X[:, 1] += (5.0 * distance**2).astype(np.float32)  # an additive trend, all cells
+    adata.X[:, 2] *= (1.0 - 0.8 * distance**2).astype(np.float32)  # vignetting: multiplicative
     mcvi_ops.FeatureMCVAE.setup_anndata(
         adata, perturbation_key="gene_symbol", continuous_covariate_keys=["fov_distance"]
     )
@@ -205,3 +206,9 @@ def test_the_controls_trend_along_a_covariate_is_removed():
     control = (adata.obs["gene_symbol"] == "nontargeting").to_numpy()
     assert abs(np.corrcoef(plain[control], distance[control])[0, 1]) > 0.5
     assert abs(np.corrcoef(corrected[control], distance[control])[0, 1]) < 0.1
+    # the multiplicative trend: the controls' spread no longer depends on the position
+    scaled = module.standardize(x, None, continuous_covariates=covariates)[:, 2].numpy()
+    unscaled = module.standardize(x, None)[:, 2].numpy()
+    near, far = control & (distance < 0.3), control & (distance > 0.8)
+    assert unscaled[far].std() < 0.6 * unscaled[near].std()
+    assert scaled[far].std() == pytest.approx(scaled[near].std(), rel=0.25)

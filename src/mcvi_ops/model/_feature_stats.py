@@ -183,6 +183,10 @@ def trend_terms(covariates: np.ndarray) -> np.ndarray:
     return np.concatenate([np.ones((len(covariates), 1)), covariates, covariates**2], axis=1)
 
 
+#: floor of the controls' variance along a covariate, relative to their overall variance (1)
+MIN_TREND_VARIANCE = 0.05
+
+
 def covariate_trend(
     matrix,
     control: np.ndarray,
@@ -192,12 +196,18 @@ def covariate_trend(
     *,
     clip: float,
     block: int = 8_192,
-) -> np.ndarray:
-    """Least-squares trend of the controls' standardised features along the covariates.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The controls' mean and variance of each standardised feature along the covariates.
 
-    Returns the coefficients (``1 + 2 * n_covariates`` x features) of ``[1, c, c^2]`` per
-    covariate, fitted on the control cells' standardised, clipped features (NaN as 0), block by
-    block (memory of one block of controls).
+    Technical positions shift features (an additive trend) and, as vignetting does to
+    intensities, scale them (a multiplicative one): both are removed as
+    ``(y - mean(c)) / sqrt(variance(c))``, with ``mean`` and ``variance`` least-squares fits
+    in ``[1, c, c^2]`` per covariate to the control cells' standardised, clipped features
+    (NaN as 0) and to their squared residuals. Read block by block (memory of one block).
+
+    Returns
+    -------
+    The coefficients of the mean and of the variance, each ``1 + 2 * n_covariates`` x features.
     """
     covariates = np.asarray(covariates, dtype=np.float64).reshape(len(control), -1)
     if not np.isfinite(covariates).all():
@@ -210,15 +220,24 @@ def covariate_trend(
     codes = np.zeros(len(control), dtype=np.int64) if batch_codes is None else batch_codes
     rows = np.flatnonzero(control)
     n_terms = 1 + 2 * covariates.shape[1]
-    gram = np.zeros((n_terms, n_terms))
-    moment = np.zeros((n_terms, stats.center.shape[1]))
-    for start in range(0, len(rows), block):
-        part = rows[start : start + block]
-        y = (_rows(matrix, part) - stats.center[codes[part]]) / stats.scale[codes[part]]
-        y = np.clip(np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0), -clip, clip)
-        terms = trend_terms(covariates[part])
-        gram += terms.T @ terms
-        moment += terms.T @ y
-    ridge = 1e-6 * np.trace(gram) / n_terms
-    coefficients = np.linalg.solve(gram + ridge * np.eye(n_terms), moment)
-    return np.where(stats.kept, coefficients, 0.0).astype(np.float32)
+
+    def fit(target) -> np.ndarray:
+        gram = np.zeros((n_terms, n_terms))
+        moment = np.zeros((n_terms, stats.center.shape[1]))
+        for start in range(0, len(rows), block):
+            part = rows[start : start + block]
+            y = (_rows(matrix, part) - stats.center[codes[part]]) / stats.scale[codes[part]]
+            y = np.clip(np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0), -clip, clip)
+            terms = trend_terms(covariates[part])
+            gram += terms.T @ terms
+            moment += terms.T @ target(y, terms)
+        ridge = 1e-6 * np.trace(gram) / n_terms
+        return np.linalg.solve(gram + ridge * np.eye(n_terms), moment)
+
+    mean = fit(lambda y, terms: y)
+    variance = fit(lambda y, terms: (y - terms @ mean) ** 2)
+    no_trend = np.zeros_like(variance)
+    no_trend[0] = 1.0
+    mean = np.where(stats.kept, mean, 0.0)
+    variance = np.where(stats.kept, variance, no_trend)
+    return mean.astype(np.float32), variance.astype(np.float32)

@@ -254,13 +254,13 @@ class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseM
             feature_names=list(self.adata.var_names),
             batch_names=names,
         )
-        trend = None
+        trend = variance = None
         if self.module.n_continuous_covariates:
             covariates = np.asarray(manager.get_from_registry(REGISTRY_KEYS.CONT_COVS_KEY))
-            trend = covariate_trend(
+            trend, variance = covariate_trend(
                 matrix, control, batch, stats, covariates, clip=self.module.clip
             )
-        self.module.set_standardization(stats.center, stats.scale, stats.kept, trend)
+        self.module.set_standardization(stats.center, stats.scale, stats.kept, trend, variance)
 
     # --- training -------------------------------------------------------------------------
     def train(

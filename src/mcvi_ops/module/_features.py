@@ -14,6 +14,9 @@ from mcvi_ops.nn import MLPDecoder, MLPEncoder
 from ._contrastive import ClassifierInput, MultiContrastiveMixin, PriorKind
 from ._decoding import GaussianLikelihood, decoder_input
 
+#: floor of the controls' variance along the covariates (the fitted variance can dip below 0)
+MIN_TREND_VARIANCE = 0.05
+
 
 class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
     """Multi-Contrastive VAE for per-cell feature vectors (CellProfiler and the like).
@@ -24,7 +27,10 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
     (``(x - center[batch]) / scale[batch]``, buffers saved with the weights); with continuous
     covariates, the controls' trend along them (``[1, c, c^2]`` per covariate, fitted on the
     controls, ``covariate_trend``) is removed too, so technical positions (the distance from the
-    field-of-view centre, say) leave no trace in the features the encoders read. Non-finite
+    field-of-view centre, say) leave no trace in the features the encoders read: the controls'
+    mean and variance along them (``covariate_trend``, ``covariate_variance``) are fitted on the
+    controls and every cell is centred and scaled by them, which removes additive shifts and
+    multiplicative ones such as vignetting. Non-finite
     values are set to 0 (the controls' centre), values are clipped to ``[-clip, clip]`` and
     features left out by ``feature_mask`` are 0 and not reconstructed. The decoder reads ``(z, s)``, the
     one-hot batch and continuous covariates (e.g. the distance from the field-of-view centre);
@@ -96,6 +102,9 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
         self.register_buffer(
             "covariate_trend", torch.zeros(1 + 2 * n_continuous_covariates, n_features)
         )
+        variance = torch.zeros(1 + 2 * n_continuous_covariates, n_features)
+        variance[0] = 1.0  # no trend: unit variance everywhere
+        self.register_buffer("covariate_variance", variance)
         mlp = {"n_hidden": n_hidden, "n_layers": n_layers}
         self.background_encoder = background_encoder or MLPEncoder(
             n_features, n_background_latent, dropout_rate=dropout_rate, **mlp
@@ -126,17 +135,21 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
         scale: torch.Tensor,
         mask: torch.Tensor,
         trend: torch.Tensor | None = None,
+        variance: torch.Tensor | None = None,
     ) -> None:
         """Set the standardisation: per-batch centres and scales, kept features, covariate trend.
 
-        ``center`` and ``scale`` are (rows x features), ``mask`` (features,), ``trend``
-        (``1 + 2 * n_covariates`` x features).
+        ``center`` and ``scale`` are (rows x features), ``mask`` (features,), ``trend`` and
+        ``variance`` (``1 + 2 * n_covariates`` x features): the controls' mean and variance along
+        the covariates.
         """
         self.feature_center.copy_(torch.as_tensor(center, dtype=torch.float32))
         self.feature_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
         self.feature_mask.copy_(torch.as_tensor(mask, dtype=torch.bool))
         if trend is not None:
             self.covariate_trend.copy_(torch.as_tensor(trend, dtype=torch.float32))
+        if variance is not None:
+            self.covariate_variance.copy_(torch.as_tensor(variance, dtype=torch.float32))
 
     @staticmethod
     def trend_terms(covariates: torch.Tensor) -> torch.Tensor:
@@ -167,7 +180,9 @@ class FeatureMultiContrastiveVAE(MultiContrastiveMixin, BaseModuleClass):
             center, scale = self.feature_center[rows], self.feature_scale[rows]
         y = (x.float() - center) / scale
         if self.n_continuous_covariates and continuous_covariates is not None:
-            y = y - self.trend_terms(continuous_covariates) @ self.covariate_trend
+            terms = self.trend_terms(continuous_covariates)
+            variance = (terms @ self.covariate_variance).clamp(min=MIN_TREND_VARIANCE)
+            y = (y - terms @ self.covariate_trend) / variance.sqrt()
         y = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0).clamp(-self.clip, self.clip)
         return y * self.feature_mask.to(y.dtype)
 
