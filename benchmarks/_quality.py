@@ -224,7 +224,7 @@ def train_model(
     if MODELS[name][0] is FeatureMCVAE:
         source = features.copy()
         source.obs = adata.obs.copy()
-        source.obs["fov_distance"] = fov_distance(adata)
+        source.obs["fov_distance"] = fov_distance(adata)  # = pp.derive_covariates
     if protocol == "insample":
         embedding, seconds, model = fit_and_embed(
             name, source, source, seed=seed, init=init, train_kwargs=train_kwargs, **kw

@@ -60,10 +60,12 @@ def test_readme_runs_top_to_bottom(tmp_path, monkeypatch):
     assert len(runnable) >= 2, "expected the Usage and Analysis blocks"
     namespace: dict = {"__name__": "__readme__"}
     n_rewrites = run_blocks(text, str(README), namespace)
-    assert n_rewrites == 2, "the README no longer has one `n_cells=` and one `.train()` to shrink"
+    assert n_rewrites == 3, "the README no longer has one `n_cells=` and two `.train()` to shrink"
     adata = namespace["adata"]
     for key in ("X_mcvae_salient", "X_mcvae_background", "X_mcvae"):
         assert key in adata.obsm, f"the README leaves .obsm[{key!r}] unset"
+    for key in ("X_fmcvae_salient", "X_fmcvae_background", "X_fmcvae"):
+        assert key in namespace["features"].obsm, f"the README leaves .obsm[{key!r}] unset"
     assert (tmp_path / "screen_complexes.gmt").exists()
     scores = adata.uns.get("technical_covariates")
     assert scores is not None and set(scores) == {"X_mcvae_salient", "X_mcvae_background"}

@@ -217,7 +217,7 @@ def test_errors_are_one_line_with_status_2(make_linked, tmp_path, capsys):
     assert "not a saved model folder" in line
     rel = str(RELATIONSHIPS / "HuMAP_subset.txt")
     line = _error(["evaluate", str(linked), "--relationships", rel, "--out", out], capsys)
-    assert "holds no MCVAE embeddings" in line and "mcvi-ops train" in line
+    assert "holds no MCVAE or FeatureMCVAE embeddings" in line and "mcvi-ops train" in line
     line = _error(["evaluate", str(linked), "--relationships", "no.txt", "--out", out], capsys)
     assert "['no.txt'] do not exist" in line
     line = _error(

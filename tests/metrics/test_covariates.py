@@ -26,6 +26,10 @@ def test_derive_covariates_hand_computed():
     assert out["fov_position"].astype(object).tolist()[:2] == ["center", "edge"]
     assert pd.isna(out["fov_position"].iloc[2])
     assert out["fov_position"].iloc[3] == "edge"
+    # the same distances in half tile widths (1480 pixels)
+    np.testing.assert_allclose(
+        adata.obs["fov_distance"], np.array([300, 1950, 600, 1420]) / 1480, rtol=1e-3
+    )
     # 3 x 3 grid: only tile 4 is away from the boundary
     assert adata.obs["well_position"].tolist() == ["center", "edge", "edge", "edge"]
 

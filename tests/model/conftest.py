@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,23 +19,31 @@ def _run_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(scvi.settings, "logging_dir", tmp_path / "scvi_log")
 
 
-@pytest.fixture(scope="module")
-def screen_path(tmp_path_factory):
-    return tmp_path_factory.mktemp("screen") / "crops.zarr"
+@pytest.fixture(scope="session")
+def _rendered_screen(tmp_path_factory):
+    """The tiny screen, simulated and rendered once per session (read-only: tests get copies)."""
+    path = tmp_path_factory.mktemp("rendered") / "crops.zarr"
+    adata = mcvi_ops.datasets.synthetic_screen(
+        n_cells=360, n_genes=6, n_control_guides=4, crop_size=32, seed=0, path=path
+    )
+    return adata, path
 
 
 @pytest.fixture
-def screen(screen_path):
-    """A tiny screen on disk: 360 cells, 6 genes, 32 px crops."""
-    return mcvi_ops.datasets.synthetic_screen(
-        n_cells=360,
-        n_genes=6,
-        n_control_guides=4,
-        crop_size=32,
-        seed=0,
-        path=screen_path,
-        overwrite=True,
-    )
+def screen_path(_rendered_screen, tmp_path):
+    """This test's own copy of the rendered crop store (a test may rewrite or shrink it)."""
+    _, rendered = _rendered_screen
+    path = tmp_path / "screen" / "crops.zarr"
+    shutil.copytree(rendered, path)
+    return path
+
+
+@pytest.fixture
+def screen(_rendered_screen, screen_path):
+    """A tiny screen on disk: 360 cells, 6 genes, 32 px crops (a fresh AnnData per test)."""
+    adata = _rendered_screen[0].copy()
+    mcvi_ops.data.link_crops(adata, screen_path, index_key="crop_index")
+    return adata
 
 
 FAST_MODULE = {"encoder_filters": (8, 8, 16, 16, 16), "decoder_filters": (16, 16, 16, 8, 8)}

@@ -25,7 +25,10 @@ an AnnData of the kept cells in OUT/cells.h5ad. Rerunning an interrupted command
 
 
 def add_parser(subparsers: Any) -> None:
-    """Add the ``crop`` subcommand to an :mod:`argparse` subparsers object."""
+    """Add the ``crop`` subcommand to an :mod:`argparse` subparsers object.
+
+    .. long function: one flat list of the command's options, in the order ``--help`` shows them.
+    """
     parser = add_command(
         subparsers,
         "crop",

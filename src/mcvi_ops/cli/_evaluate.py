@@ -20,7 +20,8 @@ COVARIATES = ("batch", "fov_position", "well_position")
 
 _DESCRIPTION = """\
 Evaluate the embeddings of SCREEN (an AnnData with .obsm X_mcvae_salient / X_mcvae_background /
-X_mcvae, from 'mcvi-ops train' or 'mcvi-ops embed') and write to OUT:
+X_mcvae, or X_fmcvae_* of 'train --features', from 'mcvi-ops train' or 'mcvi-ops embed') and
+write to OUT:
 
   known_relationships.csv   cells -> guides -> genes (mcvi_ops.tl.aggregate), then average
                             precision and tail recall of each relationship file
@@ -60,7 +61,10 @@ def add_parser(subparsers: Any) -> None:
         nargs="+",
         default=None,
         metavar="KEY",
-        help="obsm keys to evaluate (default: X_mcvae_salient X_mcvae_background X_mcvae)",
+        help=(
+            "obsm keys to evaluate (default: X_mcvae_salient X_mcvae_background X_mcvae, or "
+            "X_fmcvae_* of a feature model)"
+        ),
     )
     parser.add_argument(
         "--perturbation-key", default="gene_symbol", help="obs column of genes (gene_symbol)"
@@ -251,16 +255,26 @@ def _covariates(adata, args, reps: list[str], out: Path) -> tuple[Any, list[str]
     return table, notes, [_save(fig, out / "technical_covariates.png")]
 
 
+def _model_reps(adata) -> tuple[str, ...]:
+    """The salient, background and joint keys of the model whose embeddings ``adata`` holds.
+
+    The image model's (``X_mcvae_*``) when present, else the feature model's (``X_fmcvae_*``).
+    """
+    from mcvi_ops.cli._train import EMBEDDINGS
+
+    for keys in EMBEDDINGS.values():
+        if any(key in adata.obsm for key in keys):
+            return keys
+    return EMBEDDINGS["MCVAE"]
+
+
 def _umaps(adata, args, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
     from mcvi_ops import pl, tl
-    from mcvi_ops._constants import OBSM
 
-    reps = [r for r in (OBSM.salient, OBSM.background) if r in adata.obsm] or [
-        r for r in adata.obsm if r.startswith("X_mcvae")
-    ][:1]
+    reps = [r for r in _model_reps(adata)[:2] if r in adata.obsm]
     if not reps or args.umap_cells <= 0:
         return []
     view = adata
@@ -388,14 +402,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         msg = f"Relationship file(s) {missing} do not exist. Check the --relationships paths."
         raise FileNotFoundError(msg)
     adata = read_adata(args.screen, linked=False)
-    from mcvi_ops._constants import OBSM
 
     if args.use_rep is None:
-        reps = [r for r in (OBSM.salient, OBSM.background, OBSM.both) if r in adata.obsm]
+        reps = [r for r in _model_reps(adata) if r in adata.obsm]
         if not reps:
             msg = (
-                f"{str(args.screen)!r} holds no MCVAE embeddings (.obsm X_mcvae_salient, ...). Run "
-                "'mcvi-ops train' or 'mcvi-ops embed' first, or pass --use-rep."
+                f"{str(args.screen)!r} holds no MCVAE or FeatureMCVAE embeddings (.obsm "
+                "X_mcvae_salient, X_fmcvae_salient, ...). Run 'mcvi-ops train' or 'mcvi-ops "
+                "embed' first, or pass --use-rep."
             )
             raise KeyError(msg)
     else:

@@ -46,9 +46,20 @@ def _digest(table, extra: list) -> str:
     return digest.hexdigest()
 
 
-def screen_fingerprint(adata, columns: list[str]) -> dict[str, str]:
-    """Hashes of the cells a run trains on (names and crops) and of their labels (``columns``)."""
+def screen_fingerprint(adata, columns: list[str], *, features: bool = False) -> dict[str, str]:
+    """Hashes of the cells a run trains on (names and crops) and of their labels (``columns``).
+
+    For a feature table (``features``): the cell names and the feature names.
+    """
     import pandas as pd
+
+    if features:
+        cells = pd.DataFrame({"row": range(adata.n_obs)}, index=adata.obs_names)
+        extra = [adata.n_obs, list(map(str, adata.var_names))]
+        labels = pd.DataFrame(
+            {c: adata.obs[c].astype(str).to_numpy() for c in columns}, index=adata.obs_names
+        )
+        return {"cells": _digest(cells, extra), "labels": _digest(labels, columns)}
 
     from mcvi_ops.data._link import crop_reference
 

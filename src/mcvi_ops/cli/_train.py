@@ -1,4 +1,4 @@
-"""``mcvi-ops train`` (fit MCVAE on your screen) and ``mcvi-ops embed`` (use a saved model)."""
+"""``mcvi-ops train`` (fit MCVAE, or FeatureMCVAE on a feature table) and ``mcvi-ops embed``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ linked to their crops, as written by 'mcvi-ops crop' or the mcvi_ops.io readers.
   OUT/checkpoints/ the state after each epoch: rerun with --resume to continue a run that
                    stopped (same options; Ctrl-C stops after the current step and keeps it)
 
+With --features, CELLS is a cells x features table instead (CellProfiler via
+mcvi_ops.tl.cellprofiler_features, brieflow, cp_measure or pycytominer-style tables, features in
+.X or --layer) and the model is FeatureMCVAE: it standardises every feature against the controls
+of each --batch-key batch, and removes the controls' trend along the numeric --covariates
+(e.g. fov_distance). The embeddings are X_fmcvae_salient, X_fmcvae_background and X_fmcvae;
+feature models train in minutes and keep no checkpoints (no --resume).
+
 Next: 'mcvi-ops evaluate OUT/screen.h5ad --relationships ... --out ...'.
 """
 
@@ -48,7 +55,18 @@ Refused with the fix named:
   crops of other channels, crop size, pixel type or intensity scale than the training crops,
   crops with NaN/inf pixels, and (for models set up with intensity factors in Python) cells
   without their own finite, positive .obsm intensity factors.
+
+A FeatureMCVAE model (from 'train --features') embeds a feature table with the training features
+(same names; other features are refused) into X_fmcvae_salient, X_fmcvae_background and
+X_fmcvae. Cells of batches it never saw are standardised against their own controls, so each new
+batch needs control cells (and the batch and perturbation columns of the set-up).
 """
+
+#: the model class of each kind of input, and the embeddings it writes
+EMBEDDINGS = {
+    "MCVAE": ("X_mcvae_salient", "X_mcvae_background", "X_mcvae"),
+    "FeatureMCVAE": ("X_fmcvae_salient", "X_fmcvae_background", "X_fmcvae"),
+}
 
 
 def _positive_int(text: str) -> int:
@@ -97,8 +115,28 @@ def add_train_parser(subparsers: Any) -> None:
         help="train MCVAE on your screen (AnnData linked to crops) -> model + embeddings",
         description=_TRAIN_DESCRIPTION,
     )
-    parser.add_argument("cells", metavar="CELLS", type=Path, help="AnnData (.h5ad) linked to crops")
+    parser.add_argument(
+        "cells",
+        metavar="CELLS",
+        type=Path,
+        help="AnnData (.h5ad) linked to crops, or a feature table with --features",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--features",
+        action="store_true",
+        help="CELLS is a cells x features table: train FeatureMCVAE on it",
+    )
+    parser.add_argument(
+        "--layer", default=None, help="with --features: layer holding the features (default: X)"
+    )
+    parser.add_argument(
+        "--covariates",
+        nargs="+",
+        default=None,
+        metavar="COLUMN",
+        help="with --features: numeric obs columns given to the decoder, e.g. fov_distance",
+    )
     parser.add_argument(
         "--perturbation-key",
         default="gene_symbol",
@@ -116,10 +154,16 @@ def add_train_parser(subparsers: Any) -> None:
         "--max-epochs",
         type=_positive_int,
         default=None,
-        help="passes over the perturbed cells (default: 100,000 cells seen, 2 to 40 epochs)",
+        help=(
+            "passes over the perturbed cells (default: 100,000 cells seen, 2 to 40 epochs; "
+            "--features: 300,000, 5 to 100)"
+        ),
     )
     parser.add_argument(
-        "--batch-size", type=_even_int, default=128, help="cells per minibatch, even (128)"
+        "--batch-size",
+        type=_even_int,
+        default=None,
+        help="cells per minibatch, even (128; --features: 256)",
     )
     parser.add_argument(
         "--accelerator", choices=ACCELERATORS, default="auto", help="device to train on (auto)"
@@ -152,7 +196,12 @@ def add_embed_parser(subparsers: Any) -> None:
         description=_EMBED_DESCRIPTION,
     )
     parser.add_argument("model", metavar="MODEL", type=Path, help="model folder of 'train'")
-    parser.add_argument("cells", metavar="CELLS", type=Path, help="AnnData (.h5ad) linked to crops")
+    parser.add_argument(
+        "cells",
+        metavar="CELLS",
+        type=Path,
+        help="AnnData (.h5ad) linked to crops, or a feature table for a FeatureMCVAE model",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output AnnData (.h5ad)")
     parser.add_argument(
         "--batch-size", type=_positive_int, default=256, help="cells per minibatch (256)"
@@ -207,11 +256,32 @@ def _check_batches(adata, key: str, path: Path) -> None:
         raise ValueError(msg)
 
 
+def _check_feature_options(args: argparse.Namespace) -> None:
+    """Options that only one kind of model takes; the batch size each defaults to."""
+    if not args.features:
+        given = [f for f, v in (("--layer", args.layer), ("--covariates", args.covariates)) if v]
+        if given:
+            msg = (
+                f"{' and '.join(given)} apply to feature tables only. Pass --features (CELLS is "
+                "a cells x features table), or leave them out for crops."
+            )
+            raise ValueError(msg)
+    elif args.resume:
+        msg = (
+            "--resume continues image models from their checkpoints; FeatureMCVAE trains in "
+            "minutes and keeps none. Pass --overwrite to train it again."
+        )
+        raise ValueError(msg)
+    if args.batch_size is None:
+        args.batch_size = 256 if args.features else 128
+
+
 def _prepare_out(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
     """Check ``--out`` before any work; returns the checkpoint to resume and the run record."""
     from mcvi_ops.data._files import check_writable_folder
 
     out: Path = args.out
+    _check_feature_options(args)
     if args.resume and args.overwrite:
         msg = "Pass either --resume (continue the run in --out) or --overwrite (start again)."
         raise ValueError(msg)
@@ -264,64 +334,149 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """The steps of ``mcvi-ops train``: check, (resume and) train, embed, write, report."""
     out: Path = args.out
-    model_dir = out / MODEL_DIR
     resume, record = _prepare_out(args)
-    adata = read_adata(args.cells)
+    adata = read_adata(args.cells, linked=not args.features)
+    fingerprint, options, counts = _check_screen(adata, args)
+    from mcvi_ops.model import default_feature_epochs, default_max_epochs
+
+    default = default_feature_epochs if args.features else default_max_epochs
+    max_epochs = args.max_epochs or default(adata.n_obs)
+    if args.resume:
+        _run.check_resumable(record, fingerprint, options, out)
+        if _finished(record, resume, max_epochs, out):
+            return 0
+    n_control, n_perturbed = counts
+    print(
+        f"Training on {adata.n_obs:,} cells ({n_control:,} controls, {n_perturbed:,} perturbed, "
+        f"{adata.obs[args.perturbation_key].nunique() - 1} perturbations)."
+    )
+    model = _model(adata, args)
+    base = {"cells": str(args.cells), "n_cells": adata.n_obs, "screen": fingerprint}
+    _run.write_record(out, {**base, "options": options, "status": "running"})
+    start = time.perf_counter()
+    _fit(model, args, max_epochs, resume)
+    seconds = time.perf_counter() - start
+    history, epochs = _history(model, out, resumed=resume is not None)
+    if getattr(model, "_stopped_by_interrupt", False):
+        _write_history(history, out)  # the losses so far, for the resumed run
+        _run.write_record(
+            out, {**base, "options": options, "status": "interrupted", "epochs": len(history)}
+        )
+        print(
+            f"Training was stopped by Ctrl-C after {len(history)} epochs: nothing was written to "
+            f"{out / MODEL_DIR} or {out / SCREEN_NAME}. Rerun with --resume to continue from the "
+            f"checkpoint in {out / CHECKPOINT_DIR}.",
+            file=sys.stderr,
+        )
+        return INTERRUPTED_STATUS
+    name = type(model).__name__
+    print(_summary(history, epochs, seconds, resumed=resume is not None, name=name) + ".")
+    batch_size = max(args.batch_size, 256)
+    model.get_latent_representation(adata, kind="both", batch_size=batch_size, add_to_obsm=True)
+    _write_outputs(model, adata, history, out)
+    _run.write_record(
+        out,
+        {
+            **base,
+            "options": options,
+            "status": "finished",
+            "epochs": len(history),
+            "early_stopped": len(history) < max_epochs,
+        },
+    )
+    print(f"Wrote the model to {out / MODEL_DIR} and the losses to {out / HISTORY_NAME}.")
+    if not args.features:
+        print(
+            f"Checkpoints: {out / CHECKPOINT_DIR} (--resume with a higher --max-epochs trains "
+            "longer from them; delete the folder once you no longer need to)."
+        )
+    keys = EMBEDDINGS[type(model).__name__]
+    print(f"Embeddings ({', '.join(keys)}): {out / SCREEN_NAME}")
+    return 0
+
+
+def _check_screen(adata, args: argparse.Namespace) -> tuple[str, dict, tuple[int, int]]:
+    """The screen's fingerprint, the run's options and the numbers of control/perturbed cells."""
     check_obs_column(adata, args.perturbation_key, "--perturbation-key", args.cells)
     columns = [args.perturbation_key]
     if args.batch_key is not None:
         check_obs_column(adata, args.batch_key, "--batch-key", args.cells)
         _check_batches(adata, args.batch_key, args.cells)
         columns.append(args.batch_key)
-    n_control, n_perturbed = _check_perturbations(
-        adata, args.perturbation_key, args.control_category, args.cells
-    )
+    for column in args.covariates or []:
+        check_obs_column(adata, column, "--covariates", args.cells)
+        columns.append(column)
+    counts = _check_perturbations(adata, args.perturbation_key, args.control_category, args.cells)
     options = {
         "perturbation_key": args.perturbation_key,
         "control_category": args.control_category,
         "batch_key": args.batch_key,
         "batch_size": args.batch_size,
         "seed": args.seed,
+        "model": "FeatureMCVAE" if args.features else "MCVAE",
     }
-    fingerprint = _run.screen_fingerprint(adata, columns)
-    from mcvi_ops.model._train import default_max_epochs
+    if args.features:
+        options.update(layer=args.layer, covariates=args.covariates)
+    fingerprint = _run.screen_fingerprint(adata, columns, features=args.features)
+    return fingerprint, options, counts
 
-    max_epochs = args.max_epochs or default_max_epochs(adata.n_obs)
-    if args.resume:
-        _run.check_resumable(record, fingerprint, options, out)
-        done = int((record or {}).get("epochs", 0))
-        if (record or {}).get("status") == "finished" and (
-            resume is None or max_epochs <= done or record.get("early_stopped")
-        ):
-            print(
-                f"The run in {out} finished ({done} epochs): its model is {model_dir} and the "
-                f"embedded cells {out / SCREEN_NAME}. To train longer, pass --max-epochs above "
-                f"{done} with --resume; to start again, --overwrite."
-            )
-            return 0
+
+def _finished(record: dict | None, resume: Path | None, max_epochs: int, out: Path) -> bool:
+    """Whether ``--resume`` names a finished run that has nothing left to do (said so)."""
+    done = int((record or {}).get("epochs", 0))
+    if (record or {}).get("status") != "finished" or not (
+        resume is None or max_epochs <= done or record.get("early_stopped")
+    ):
+        return False
     print(
-        f"Training on {adata.n_obs:,} cells ({n_control:,} controls, {n_perturbed:,} perturbed, "
-        f"{adata.obs[args.perturbation_key].nunique() - 1} perturbations)."
+        f"The run in {out} finished ({done} epochs): its model is {out / MODEL_DIR} and the "
+        f"embedded cells {out / SCREEN_NAME}. To train longer, pass --max-epochs above "
+        f"{done} with --resume; to start again, --overwrite."
     )
+    return True
 
-    import pandas as pd
+
+def _model(adata, args: argparse.Namespace):
+    """MCVAE (or FeatureMCVAE, with ``--features``) set up on the cells, seeded."""
     import scvi
 
-    from mcvi_ops import MCVAE
-    from mcvi_ops.train._callbacks import CheckpointWriteError
+    from mcvi_ops import MCVAE, FeatureMCVAE
 
     scvi.settings.seed = args.seed
+    if args.features:
+        FeatureMCVAE.setup_anndata(
+            adata,
+            layer=args.layer,
+            perturbation_key=args.perturbation_key,
+            control_category=args.control_category,
+            batch_key=args.batch_key,
+            continuous_covariate_keys=args.covariates,
+        )
+        return FeatureMCVAE(adata)
     MCVAE.setup_anndata(
         adata,
         perturbation_key=args.perturbation_key,
         control_category=args.control_category,
         batch_key=args.batch_key,
     )
-    model = MCVAE(adata)
-    base = {"cells": str(args.cells), "n_cells": adata.n_obs, "screen": fingerprint}
-    _run.write_record(out, {**base, "options": options, "status": "running"})
-    start = time.perf_counter()
+    return MCVAE(adata)
+
+
+def _fit(model, args: argparse.Namespace, max_epochs: int, resume: Path | None) -> None:
+    """Train; errors of checkpoints name the flags that fix them."""
+    from mcvi_ops.train._callbacks import CheckpointWriteError
+
+    if args.features:
+        model.train(
+            max_epochs=max_epochs,
+            batch_size=args.batch_size,
+            accelerator=args.accelerator,
+            devices=args.devices,
+            enable_progress_bar=not args.quiet,
+        )
+        return
     try:
         model.train(
             max_epochs=max_epochs,
@@ -329,7 +484,7 @@ def _train(args: argparse.Namespace) -> int:
             accelerator=args.accelerator,
             devices=args.devices,
             enable_progress_bar=not args.quiet,
-            checkpoint_dir=out / CHECKPOINT_DIR,
+            checkpoint_dir=args.out / CHECKPOINT_DIR,
             ckpt_path=resume,
         )
     except CheckpointWriteError as err:
@@ -345,62 +500,43 @@ def _train(args: argparse.Namespace) -> int:
         msg = (
             f"The checkpoint {str(resume)!r} belongs to a run on another screen or with other "
             "options (its weights have other shapes). Pass --overwrite to start a new run in "
-            f"{str(out)!r}, or another --out."
+            f"{str(args.out)!r}, or another --out."
         )
         raise ValueError(msg) from err
-    seconds = time.perf_counter() - start
+
+
+def _history(model, out: Path, *, resumed: bool):
+    """The losses per epoch, and how many epochs this run trained.
+
+    A resumed run's losses follow those of the epochs before it.
+    """
+    import pandas as pd
+
     # per-epoch logs only (a model may keep other tables in its history)
     per_epoch = [v for v in model.history.values() if pd.api.types.is_integer_dtype(v.index)]
     history = (
         pd.concat(per_epoch, axis=1) if per_epoch else pd.DataFrame(index=pd.RangeIndex(0))
     ).rename_axis("epoch")
     epochs = len(history)
-    if resume is not None and (out / HISTORY_NAME).is_file():
+    if resumed and (out / HISTORY_NAME).is_file():
         # a resumed run's history starts at the checkpoint; keep the epochs before it
         before = pd.read_csv(out / HISTORY_NAME, index_col="epoch")
         if epochs:
             before = before[before.index < history.index.min()]
         history = pd.concat([before, history])
-    if getattr(model, "_stopped_by_interrupt", False):
-        _write_history(history, out)  # the losses so far, for the resumed run
-        _run.write_record(
-            out, {**base, "options": options, "status": "interrupted", "epochs": len(history)}
-        )
-        print(
-            f"Training was stopped by Ctrl-C after {len(history)} epochs: nothing was written to "
-            f"{model_dir} or {out / SCREEN_NAME}. Rerun with --resume to continue from the "
-            f"checkpoint in {out / CHECKPOINT_DIR}.",
-            file=sys.stderr,
-        )
-        return INTERRUPTED_STATUS
-    line = f"Trained MCVAE for {epochs} epochs in {seconds:.0f} s"
-    if resume is not None and epochs and len(history) > epochs:
-        line = f"Trained MCVAE for {epochs} more epochs ({len(history)} in all) in {seconds:.0f} s"
+    return history, epochs
+
+
+def _summary(history, epochs: int, seconds: float, *, resumed: bool, name: str = "MCVAE") -> str:
+    """``Trained MCVAE for N epochs in S s; validation loss A -> B``."""
+    line = f"Trained {name} for {epochs} epochs in {seconds:.0f} s"
+    if resumed and epochs and len(history) > epochs:
+        line = f"Trained {name} for {epochs} more epochs ({len(history)} in all) in {seconds:.0f} s"
     if "validation_loss" in history:
         valid = history["validation_loss"].dropna()
         if len(valid):
             line += f"; validation loss {float(valid.iloc[0]):,.0f} -> {float(valid.iloc[-1]):,.0f}"
-    print(line + ".")
-    batch_size = max(args.batch_size, 256)
-    model.get_latent_representation(adata, kind="both", batch_size=batch_size, add_to_obsm=True)
-    _write_outputs(model, adata, history, out)
-    _run.write_record(
-        out,
-        {
-            **base,
-            "options": options,
-            "status": "finished",
-            "epochs": len(history),
-            "early_stopped": len(history) < max_epochs,
-        },
-    )
-    print(f"Wrote the model to {model_dir} and the losses to {out / HISTORY_NAME}.")
-    print(
-        f"Checkpoints: {out / CHECKPOINT_DIR} (--resume with a higher --max-epochs trains "
-        "longer from them; delete the folder once you no longer need to)."
-    )
-    print(f"Embeddings (X_mcvae_salient, X_mcvae_background, X_mcvae): {out / SCREEN_NAME}")
-    return 0
+    return line
 
 
 def _write_outputs(model, adata, history, out: Path) -> None:
@@ -448,14 +584,29 @@ def run_embed(args: argparse.Namespace) -> int:
         lock.release()
 
 
-def _embed(args: argparse.Namespace) -> int:
-    adata = read_adata(args.cells)
+def _saved_model_class(folder: Path):
+    """The class of the model saved in ``folder``, read from its registry (which runs no code)."""
+    import mcvi_ops
+    from mcvi_ops._compat import MODEL_NAME_KEY
 
-    from mcvi_ops import MCVAE
+    name = mcvi_ops.MCVAE.load_registry(str(folder)).get(MODEL_NAME_KEY)
+    if name not in EMBEDDINGS:
+        msg = (
+            f"{str(folder)!r} holds a {name} model; 'mcvi-ops embed' embeds with "
+            f"{' or '.join(EMBEDDINGS)} models. Use that model's class in Python."
+        )
+        raise ValueError(msg)
+    return getattr(mcvi_ops, name)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    model_class = _saved_model_class(args.model)
+    adata = read_adata(args.cells, linked=model_class.__name__ != "FeatureMCVAE")
+
     from mcvi_ops.data._link import write_h5ad
 
     start = time.perf_counter()
-    model = MCVAE.load(str(args.model), adata=adata, accelerator=args.accelerator)
+    model = model_class.load(str(args.model), adata=adata, accelerator=args.accelerator)
     model.get_latent_representation(
         adata, kind="both", batch_size=args.batch_size, add_to_obsm=True
     )

@@ -55,8 +55,10 @@ def atomic_path(path: str | os.PathLike, *, folder: bool = False) -> Iterator[Pa
     Examples
     --------
     >>> from mcvi_ops.data._files import atomic_path
-    >>> with atomic_path("report.md") as tmp:  # doctest: +SKIP
-    ...     tmp.write_text("# done")
+    >>> with atomic_path("report.md") as tmp:
+    ...     _ = tmp.write_text("# done")
+    >>> open("report.md").read()
+    '# done'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

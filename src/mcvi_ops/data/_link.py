@@ -31,6 +31,8 @@ def link_crops(
 ) -> None:
     """Tie each row of ``adata`` to a crop in a crop store.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     Parameters
     ----------
     adata

@@ -69,6 +69,8 @@ def sample_cell_params(
 ) -> dict[str, np.ndarray]:
     """Draw every morphology parameter of a block of cells.
 
+    .. long function: one sequence of draws from one generator, whose order fixes every seeded screen; kept in one place so it cannot change by accident.
+
     Parameters
     ----------
     rng

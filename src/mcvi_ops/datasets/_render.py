@@ -9,6 +9,8 @@ on the batch it is rendered in.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -197,22 +199,40 @@ def render_cells(
 
 
 def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> np.ndarray:
+    """Images of a chunk of cells from their parameters ``q``: shapes, four stains, camera."""
     size = bank.crop_size
     half = size / 2
     g = ((np.arange(size, dtype=np.float32) + 0.5) / half - 1).astype(np.float32)
-    n = len(q["mitotic"])
     low = bank.take("low", q["tex_low"])
-    mit = np.flatnonzero(q["mitotic"])
-    inter = np.flatnonzero(~q["mitotic"])
+    shapes = _cell_shapes(q, g, half, low)
+    nuc, spindle, poles = _central_nuclei(q, g, half, low)
+    chrom = bank.take("chrom", q["tex_chrom"])
+    image = np.empty((len(q["mitotic"]), 4, size, size), dtype=np.float32)
+    _paint_dapi(image[:, 0], q, nuc, shapes.nb_nuc, chrom)
+    _paint_tubulin(image[:, 1], q, bank, shapes, nuc, chrom, spindle, poles)
+    _paint_gh2ax(image[:, 2], q, bank, nuc, np.maximum(nuc, shapes.nb_nuc), chrom)
+    _paint_actin(image[:, 3], q, bank, shapes, g, half)
+    return _camera(image, q, bank, illum, gains)
 
-    # central cell, with a rough outline and a perinuclear gradient of tubulin
+
+@dataclass
+class _Shapes:
+    """Masks of a chunk: the central cell, it with its neighbours, their nuclei, a gradient."""
+
+    main: np.ndarray  # the central cell
+    cell: np.ndarray  # the central cell and the neighbours cut by the crop edge
+    nb_nuc: np.ndarray  # the neighbours' nuclei
+    gradient: np.ndarray  # 1 at the centre of the central cell, 0 at its outline
+
+
+def _cell_shapes(q: dict[str, np.ndarray], g: np.ndarray, half: float, low: np.ndarray) -> _Shapes:
+    """The central cell, with a rough outline, and the neighbours cut by the crop edge."""
+    n, size = len(q["mitotic"]), g.size
     r2 = _r2(g, q["cy"], q["cx"], q["cell_a"], q["cell_b"], q["theta"])
     r2 += low * q["cell_rough"][:, None, None]
     gradient = np.clip(1 - r2, 0, 1)
     main = _soft(r2, np.sqrt(q["cell_a"] * q["cell_b"]) * half, CELL_EDGE_WIDTH_PX)
     cell = main.copy()
-
-    # neighbours cut by the crop edge
     nb_nuc = np.zeros((n, size, size), dtype=np.float32)
     flipped = low[:, ::-1, ::-1]
     for k in range(MAX_NEIGHBOURS):
@@ -228,8 +248,19 @@ def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> 
         cell[idx] = np.maximum(cell[idx], m)
         m = _ellipse(g, half, cy, cx, q["nb_nuc_a"][idx, k], q["nb_nuc_b"][idx, k], th)
         nb_nuc[idx] = np.maximum(nb_nuc[idx], m)
+    return _Shapes(main=main, cell=cell, nb_nuc=nb_nuc, gradient=gradient)
 
-    # nucleus of the central cell: interphase nuclei, or mitotic plates
+
+def _central_nuclei(
+    q: dict[str, np.ndarray], g: np.ndarray, half: float, low: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The central cell's nuclei (interphase, binucleate, micronuclei, mitotic plates).
+
+    Also the spindle and its poles of mitotic cells (`None` without mitotic cells).
+    """
+    n, size = len(q["mitotic"]), g.size
+    mit = np.flatnonzero(q["mitotic"])
+    inter = np.flatnonzero(~q["mitotic"])
     nuc = np.zeros((n, size, size), dtype=np.float32)
     nq = {k: q[k][inter] for k in ("nuc_cy", "nuc_cx", "nuc_a", "nuc_b", "nuc_theta", "nuc_rough")}
     nuc[inter] = _ellipse(
@@ -250,42 +281,44 @@ def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> 
         r = q["mn_r"][idx, k]
         m = _ellipse(g, half, q["mn_cy"][idx, k], q["mn_cx"][idx, k], r, r, r * 0, width=0.8)
         nuc[idx] = np.maximum(nuc[idx], 1.5 * m)  # micronuclei are condensed, bright
-    spindle = poles = None
-    if mit.size:
-        th, sep = q["theta"][mit], q["sep"][mit]
-        # the spindle runs across the plate's long axis (theta)
-        sy, sx = np.cos(th), -np.sin(th)
-        cy, cx, sz = q["cy"][mit], q["cx"][mit], q["size"][mit]
-        pa, pb = q["plate_a"][mit], q["plate_b"][mit]
-        plates = _ellipse(g, half, cy + sep / 2 * sy, cx + sep / 2 * sx, pa, pb, th)
-        other = _ellipse(g, half, cy - sep / 2 * sy, cx - sep / 2 * sx, pa, pb, th)
-        nuc[mit] = np.maximum(plates, other)
-        spindle = _ellipse(g, half, cy, cx, 0.19 * sz, 0.28 * sz + sep / 2, th, width=2.0)
-        pole_r = 0.05 * sz
-        reach = 0.26 * sz + sep / 2
-        poles = np.maximum(
-            _ellipse(g, half, cy + reach * sy, cx + reach * sx, pole_r, pole_r, th),
-            _ellipse(g, half, cy - reach * sy, cx - reach * sx, pole_r, pole_r, th),
-        )
+    if not mit.size:
+        return nuc, None, None
+    th, sep = q["theta"][mit], q["sep"][mit]
+    # the spindle runs across the plate's long axis (theta)
+    sy, sx = np.cos(th), -np.sin(th)
+    cy, cx, sz = q["cy"][mit], q["cx"][mit], q["size"][mit]
+    pa, pb = q["plate_a"][mit], q["plate_b"][mit]
+    plates = _ellipse(g, half, cy + sep / 2 * sy, cx + sep / 2 * sx, pa, pb, th)
+    other = _ellipse(g, half, cy - sep / 2 * sy, cx - sep / 2 * sx, pa, pb, th)
+    nuc[mit] = np.maximum(plates, other)
+    spindle = _ellipse(g, half, cy, cx, 0.19 * sz, 0.28 * sz + sep / 2, th, width=2.0)
+    pole_r = 0.05 * sz
+    reach = 0.26 * sz + sep / 2
+    poles = np.maximum(
+        _ellipse(g, half, cy + reach * sy, cx + reach * sx, pole_r, pole_r, th),
+        _ellipse(g, half, cy - reach * sy, cx - reach * sx, pole_r, pole_r, th),
+    )
+    return nuc, spindle, poles
 
-    chrom = bank.take("chrom", q["tex_chrom"])
-    nuclei = np.maximum(nuc, nb_nuc)
-    image = np.empty((n, 4, size, size), dtype=np.float32)
 
-    # DAPI
-    dapi = image[:, 0]
+def _paint_dapi(dapi, q, nuc, nb_nuc, chrom) -> None:
+    """DAPI: the nuclei, textured by chromatin."""
     np.multiply(nuc, q["dna"][:, None, None], out=dapi)
     dapi += nb_nuc * q["dna_nb"][:, None, None]
     dapi *= chrom
 
-    # tubulin: fibrous cytoplasm, brighter around the nucleus; spindle in mitosis
-    cyto = np.clip(cell - 0.8 * nuclei, 0, 1)
-    tub = image[:, 1]
+
+def _paint_tubulin(tub, q, bank, shapes: _Shapes, nuc, chrom, spindle, poles) -> None:
+    """Tubulin: fibrous cytoplasm, brighter around the nucleus; spindle in mitosis; aggregates."""
+    nuclei = np.maximum(nuc, shapes.nb_nuc)
+    cyto = np.clip(shapes.cell - 0.8 * nuclei, 0, 1)
     np.multiply(cyto, bank.take("fibre_t", q["tex_fibre_t"]), out=tub)
+    gradient = shapes.gradient
     gradient *= 0.6
     gradient += 0.7
     tub *= gradient
     tub *= q["tubulin"][:, None, None]
+    mit = np.flatnonzero(q["mitotic"])
     if mit.size:
         level = q["tubulin"][mit][:, None, None]
         tub[mit] = 0.45 * tub[mit] + level * (2.2 * spindle * chrom[mit] + 3.5 * poles)
@@ -293,10 +326,11 @@ def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> 
     if agg.size:
         amp = (q["tubulin"][agg] * (4.0 + 3.0 * q["strength"][agg]))[:, None, None]
         spots = bank.take("agg", q["tex_agg"][agg])
-        tub[agg] += amp * spots * np.clip(main[agg] - nuc[agg], 0, 1)
+        tub[agg] += amp * spots * np.clip(shapes.main[agg] - nuc[agg], 0, 1)
 
-    # gH2AX: dim nuclear stain plus foci; foci appear in order of height as damage grows
-    gh = image[:, 2]
+
+def _paint_gh2ax(gh, q, bank, nuc, nuclei, chrom) -> None:
+    """gH2AX: dim nuclear stain plus foci; foci appear in order of height as damage grows."""
     np.multiply(chrom, 0.3, out=gh)
     gh += 0.7
     gh *= nuclei
@@ -308,8 +342,10 @@ def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> 
     foci *= np.where(q["mitotic"], 0.2 * FOCI_LEVEL, FOCI_LEVEL).astype(np.float32)[:, None, None]
     gh += foci
 
-    # phalloidin: cortex at the cell outline plus stress fibres
-    act = image[:, 3]
+
+def _paint_actin(act, q, bank, shapes: _Shapes, g, half: float) -> None:
+    """Phalloidin: cortex at the cell outline plus stress fibres; a ring around the nucleus."""
+    cell, main = shapes.cell, shapes.main
     np.multiply(bank.take("fibre_a", q["tex_fibre_a"]), 0.35, out=act)
     act += 0.25
     act *= cell
@@ -317,6 +353,7 @@ def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> 
     band *= cell
     band *= 5.5
     act += band
+    mit = np.flatnonzero(q["mitotic"])
     if mit.size:
         act[mit] += 3.0 * band[mit] * main[mit]
     ring = np.flatnonzero(q["actin_ring"])
@@ -330,7 +367,9 @@ def _render_chunk(q: dict[str, np.ndarray], bank: TextureBank, illum, gains) -> 
         act[ring] += (8.0 + 4.0 * q["strength"][ring])[:, None, None] * m
     act *= q["actin"][:, None, None]
 
-    # optics and camera: background, vignetting, per-well gains, shot and read noise
+
+def _camera(image: np.ndarray, q, bank, illum, gains) -> np.ndarray:
+    """Optics and camera: background, vignetting, per-well gains, shot and read noise."""
     np.maximum(image, 0, out=image)
     image += BACKGROUND[None, :, None, None]
     image *= (illum[:, None] * gains).astype(np.float32)[:, :, None, None]

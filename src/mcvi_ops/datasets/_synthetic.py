@@ -78,6 +78,8 @@ def synthetic_screen(
 ) -> AnnData:
     """Simulate an optical pooled screen of four-channel single-cell crops with known ground truth.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     Cells of HeLa-like morphology are drawn in the four channels of Funk et al. (2022): DAPI,
     alpha-tubulin, gamma-H2AX and phalloidin. They vary in size, shape, orientation and cell-cycle
     stage (including mitoses with condensed DNA plates, a tubulin spindle and a rounded, bright
@@ -194,24 +196,24 @@ def synthetic_screen(
     if difficulty not in DIFFICULTY:
         msg = f"`difficulty` must be one of {sorted(DIFFICULTY)}, got {difficulty!r}."
         raise ValueError(msg)
+    design = {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "guides_per_gene": guides_per_gene,
+        "n_control_guides": n_control_guides,
+        "control_fraction": control_fraction,
+        "crop_size": crop_size,
+        "n_plates": n_plates,
+        "n_wells": n_wells,
+        "tile_grid": tile_grid,
+        "seed": seed,
+    }
     n_ctrl = _validate(
-        n_cells=n_cells,
-        n_genes=n_genes,
-        guides_per_gene=guides_per_gene,
-        n_control_guides=n_control_guides,
-        control_fraction=control_fraction,
-        crop_size=crop_size,
-        n_plates=n_plates,
-        n_wells=n_wells,
-        tile_grid=tile_grid,
-        seed=seed,
-        batch_size=batch_size,
-        chunk_cells=chunk_cells,
-        path=path,
-        overwrite=overwrite,
+        **design, batch_size=batch_size, chunk_cells=chunk_cells, path=path, overwrite=overwrite
     )
     n_cells, crop_size, seed = int(n_cells), int(crop_size), int(seed)
     rows, cols = (int(t) for t in tile_grid)
+    design.update(n_cells=n_cells, crop_size=crop_size, seed=seed, tile_grid=[rows, cols])
     design_rng, cell_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
 
     preset = DIFFICULTY[difficulty]
@@ -232,36 +234,8 @@ def synthetic_screen(
         cell_rng, n_cells, n_ctrl, genes, guides, n_plates * n_wells, rows, cols, vignetting
     )
 
-    obs = pd.DataFrame(
-        {
-            "plate": pd.Categorical.from_codes(cells["well_id"] // n_wells, plates),
-            "well": pd.Categorical.from_codes(cells["well_id"] % n_wells, wells),
-            "tile": cells["tile"],
-            "cell_i": cells["cell_i"],
-            "cell_j": cells["cell_j"],
-            "sgRNA": pd.Categorical.from_codes(cells["guide"], guides.index.tolist()),
-            "gene_symbol": pd.Categorical(guides["gene_symbol"].to_numpy()[cells["guide"]]),
-            "stage": pd.Categorical.from_codes(
-                cells["mitotic"].astype(np.int8), ["interphase", "mitotic"]
-            ),
-            "effect_kind": pd.Categorical(
-                cells["effect_kind"], categories=["control", "none", "shift", "novel"]
-            ),
-            "affected": cells["affected"],
-        },
-        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
-    )
-
-    if path is None:
-        store = f"memory://mcvi-synthetic-{uuid.uuid4().hex}.zarr"
-        n_bytes = n_cells * len(CHANNEL_NAMES) * crop_size**2 * 2
-        if n_bytes > _LARGE_IN_MEMORY:
-            logger.warning(
-                "Holding %.1f GB of crops in memory; pass `path=` to stream them to disk instead.",
-                n_bytes / 1e9,
-            )
-    else:
-        store = path
+    obs = _cell_obs(cells, guides, plates, wells)
+    store = _store_location(path, n_cells, crop_size)
     crop_store, means = _stream_crops(
         store,
         cells,
@@ -279,32 +253,12 @@ def synthetic_screen(
         var=pd.DataFrame(index=[f"{c}_mean" for c in CHANNEL_NAMES]),
     )
     adata.uns[UNS.synthetic] = {
-        "tile_size": TILE_SIZE,
-        "tile_grid": [rows, cols],
-        "tile_order": "row-major",
-        "tile_margin": TILE_MARGIN,
-        "pixel_size": PIXEL_SIZE,
-        "crop_pixel_size": PIXEL_SIZE * REFERENCE_CROP / crop_size,
-        "channel_names": list(CHANNEL_NAMES),
-        "seed": seed,
-        "n_cells": n_cells,
-        "n_genes": int(n_genes),
-        "guides_per_gene": int(guides_per_gene),
-        "n_control_guides": int(n_control_guides),
-        "control_fraction": float(control_fraction),
-        "crop_size": crop_size,
-        "n_plates": int(n_plates),
-        "n_wells": int(n_wells),
+        **_recorded_parameters(**design, difficulty=difficulty),
         "plates": plates,
         "wells": wells,
         "channel_gains": gains.tolist(),
-        "difficulty": difficulty,
-        "no_effect_fraction": preset["no_effect_fraction"],
-        "effect_scale": preset["effect_scale"],
         "gain_log_sd": gain_sd,
         "vignetting": vignetting,
-        "edge_tile_density": EDGE_TILE_DENSITY,
-        "base_mitotic_fraction": BASE_MITOTIC_FRACTION,
         "effects": dict(EFFECT_DESCRIPTIONS),
         "complexes": complexes_of(genes),
     }
@@ -319,6 +273,86 @@ def synthetic_screen(
         "Simulated %d cells (%d genes, %d guides) into %s", n_cells, n_genes, len(guides), store
     )
     return adata
+
+
+def _store_location(path, n_cells: int, crop_size: int) -> str | os.PathLike:
+    """``path``, or a new in-memory store (with a warning when it would be large)."""
+    if path is not None:
+        return path
+    n_bytes = n_cells * len(CHANNEL_NAMES) * crop_size**2 * 2
+    if n_bytes > _LARGE_IN_MEMORY:
+        logger.warning(
+            "Holding %.1f GB of crops in memory; pass `path=` to stream them to disk instead.",
+            n_bytes / 1e9,
+        )
+    return f"memory://mcvi-synthetic-{uuid.uuid4().hex}.zarr"
+
+
+def _cell_obs(
+    cells: dict[str, np.ndarray], guides: pd.DataFrame, plates: list[str], wells: list[str]
+) -> pd.DataFrame:
+    """The obs of the simulated cells: plate, well, tile, position, guide, gene and truth."""
+    n_wells = len(wells)
+    return pd.DataFrame(
+        {
+            "plate": pd.Categorical.from_codes(cells["well_id"] // n_wells, plates),
+            "well": pd.Categorical.from_codes(cells["well_id"] % n_wells, wells),
+            "tile": cells["tile"],
+            "cell_i": cells["cell_i"],
+            "cell_j": cells["cell_j"],
+            "sgRNA": pd.Categorical.from_codes(cells["guide"], guides.index.tolist()),
+            "gene_symbol": pd.Categorical(guides["gene_symbol"].to_numpy()[cells["guide"]]),
+            "stage": pd.Categorical.from_codes(
+                cells["mitotic"].astype(np.int8), ["interphase", "mitotic"]
+            ),
+            "effect_kind": pd.Categorical(
+                cells["effect_kind"], categories=["control", "none", "shift", "novel"]
+            ),
+            "affected": cells["affected"],
+        },
+        index=pd.Index([f"cell{i}" for i in range(len(cells["guide"]))]),
+    )
+
+
+def _recorded_parameters(
+    *,
+    n_cells: int,
+    n_genes: int,
+    guides_per_gene: int,
+    n_control_guides: int,
+    control_fraction: float,
+    crop_size: int,
+    n_plates: int,
+    n_wells: int,
+    tile_grid: list[int],
+    seed: int,
+    difficulty: str,
+) -> dict:
+    """The simulation's parameters and fixed geometry, as recorded in ``.uns``."""
+    preset = DIFFICULTY[difficulty]
+    return {
+        "tile_size": TILE_SIZE,
+        "tile_grid": tile_grid,
+        "tile_order": "row-major",
+        "tile_margin": TILE_MARGIN,
+        "pixel_size": PIXEL_SIZE,
+        "crop_pixel_size": PIXEL_SIZE * REFERENCE_CROP / crop_size,
+        "channel_names": list(CHANNEL_NAMES),
+        "seed": seed,
+        "n_cells": n_cells,
+        "n_genes": int(n_genes),
+        "guides_per_gene": int(guides_per_gene),
+        "n_control_guides": int(n_control_guides),
+        "control_fraction": float(control_fraction),
+        "crop_size": crop_size,
+        "n_plates": int(n_plates),
+        "n_wells": int(n_wells),
+        "difficulty": difficulty,
+        "no_effect_fraction": preset["no_effect_fraction"],
+        "effect_scale": preset["effect_scale"],
+        "edge_tile_density": EDGE_TILE_DENSITY,
+        "base_mitotic_fraction": BASE_MITOTIC_FRACTION,
+    }
 
 
 def _stream_crops(
@@ -408,7 +442,10 @@ def _validate(
     path,
     overwrite,
 ) -> int:
-    """Check the arguments of :func:`synthetic_screen`; return the number of control cells."""
+    """Check the arguments of :func:`synthetic_screen`; return the number of control cells.
+
+    .. long function: documentation and signature; the body is under 80 lines.
+    """
     for name, value, low in (
         ("n_cells", n_cells, 1),
         ("n_genes", n_genes, 1),

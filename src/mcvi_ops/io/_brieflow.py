@@ -277,6 +277,85 @@ def _perturbation_columns(
     return out, guide_key
 
 
+def _brieflow_table(
+    cells, features: bool, perturbation_key: str | None, single_gene_only: bool
+) -> tuple[pd.DataFrame, list[str], dict[str, int]]:
+    """The checked cell table (single-gene cells, plain tile keys, unique ids), and counts."""
+    required = [*TILE_KEY, *CENTROID, *([perturbation_key] if perturbation_key else [])]
+    table, sources = _read_tables(cells, features, required)
+    table.columns = table.columns.astype(str)
+    missing = [c for c in (*TILE_KEY, *CENTROID) if c not in table]
+    if missing:
+        msg = (
+            f"The brieflow cell table lacks column(s) {missing}; it needs {[*TILE_KEY, *CENTROID]}"
+            f" (columns: {list(table.columns)[:20]}...). Pass brieflow's merge_final parquet or "
+            "single-cell h5ad, or use mcvi_ops.pp.extract_crops with tile_key/y_key/x_key."
+        )
+        raise KeyError(msg)
+    if perturbation_key is not None and perturbation_key not in table:
+        genes = [c for c in table.columns if c.startswith("gene_symbol")]
+        msg = (
+            f"Perturbation column {perturbation_key!r} is not in the brieflow cell table (gene "
+            f"columns there: {genes}). Pass `perturbation_key=` naming it, or None."
+        )
+        raise KeyError(msg)
+    n_in = len(table)
+    n_not_single = 0
+    if single_gene_only and "mapped_single_gene" in table:
+        keep = _single_gene(table["mapped_single_gene"])
+        n_not_single = int((~keep).sum())
+        table = table.loc[keep]
+        logger.info("Dropped %d cells not mapped to a single gene.", n_not_single)
+    if not len(table):
+        msg = (
+            f"No cells left of {n_in} in the brieflow cell table (after keeping cells with "
+            "mapped_single_gene). Pass single_gene_only=False or check the table."
+        )
+        raise ValueError(msg)
+    for column in TILE_KEY:  # h5ad obs holds categoricals; tile keys must be plain values
+        if isinstance(table[column].dtype, pd.CategoricalDtype):
+            table[column] = table[column].astype(table[column].cat.categories.dtype)
+        table[column] = _whole_numbers(table[column])
+    table.index = _cell_ids(table)
+    return table, sources, {"n_cells_in": int(n_in), "n_dropped_not_single_gene": n_not_single}
+
+
+def _cell_ids(table: pd.DataFrame) -> pd.Index:
+    """Unique cell ids: ``plate_well_tile_cell`` where brieflow numbers cells, else the index."""
+    cell_id = next((c for c in ("cell_0", "cell_phenotype", "cell") if c in table), None)
+    if cell_id is None:
+        return unique_cell_ids(table.index, what="The brieflow cell table's index")
+    uid = (
+        table["plate"].astype(str)
+        + "_"
+        + table["well"].astype(str)
+        + "_"
+        + table["tile"].astype(str)
+        + "_"
+        + table[cell_id].astype(str)
+    )
+    return unique_cell_ids(uid, what=f"The brieflow cell table (ids plate_well_tile_{cell_id})")
+
+
+def _tiles_and_channels(
+    images, image_kind: str, cell_table: pd.DataFrame, channel_names, *, check_tiles: bool
+) -> tuple[Any, str, list[str]]:
+    """The tile images, their format and channel names (from OME-Zarr metadata if not given)."""
+    tiles, fmt = _resolve_images(images, image_kind)
+    keys = [tuple(k) for k in cell_table[list(TILE_KEY)].drop_duplicates().itertuples(index=False)]
+    if isinstance(tiles, OmeZarrTiles) and check_tiles:
+        _check_zarr_tiles(tiles, keys)
+    if channel_names is None and isinstance(tiles, OmeZarrTiles):
+        channel_names = ome_zarr_channel_names(tiles.path(keys[0]))
+    if channel_names is None:
+        msg = (
+            f"brieflow {fmt} tiles carry no channel names; pass channel_names= with one name "
+            "per channel, in order (brieflow's config['phenotype']['channel_names'])."
+        )
+        raise ValueError(msg)
+    return tiles, fmt, list(channel_names)
+
+
 def read_brieflow(
     cells: str | os.PathLike | Sequence[str | os.PathLike] | pd.DataFrame | AnnData,
     images: str | os.PathLike | Callable[[Any], Any] | Mapping[Any, Any],
@@ -300,6 +379,8 @@ def read_brieflow(
     **extract_kwargs: Any,
 ) -> AnnData:
     """Cut the cells of a brieflow screen out of its phenotype tiles into a crop store and AnnData.
+
+    .. long function: documentation and signature; the body is under 80 lines.
 
     Follows the output layout of brieflow 1.4.14 (cheeseman-lab/brieflow, July 2026; OME-Zarr
     tiles as its zarr3 work writes them, OME-NGFF 0.5 or 0.4): see the module docstring of
@@ -429,60 +510,13 @@ def _read_brieflow(
     progress,
     **extract_kwargs,
 ) -> AnnData:
+    """The steps of :func:`read_brieflow`, while it holds the output folder's lock.
+
+    .. long function: documentation and signature; the body is under 80 lines.
+    """
     from mcvi_ops.pp import extract_crops
 
-    required = [*TILE_KEY, *CENTROID, *([perturbation_key] if perturbation_key else [])]
-    table, sources = _read_tables(cells, features, required)
-    table.columns = table.columns.astype(str)
-    missing = [c for c in (*TILE_KEY, *CENTROID) if c not in table]
-    if missing:
-        msg = (
-            f"The brieflow cell table lacks column(s) {missing}; it needs {[*TILE_KEY, *CENTROID]}"
-            f" (columns: {list(table.columns)[:20]}...). Pass brieflow's merge_final parquet or "
-            "single-cell h5ad, or use mcvi_ops.pp.extract_crops with tile_key/y_key/x_key."
-        )
-        raise KeyError(msg)
-    if perturbation_key is not None and perturbation_key not in table:
-        genes = [c for c in table.columns if c.startswith("gene_symbol")]
-        msg = (
-            f"Perturbation column {perturbation_key!r} is not in the brieflow cell table (gene "
-            f"columns there: {genes}). Pass `perturbation_key=` naming it, or None."
-        )
-        raise KeyError(msg)
-    n_in = len(table)
-    n_not_single = 0
-    if single_gene_only and "mapped_single_gene" in table:
-        keep = _single_gene(table["mapped_single_gene"])
-        n_not_single = int((~keep).sum())
-        table = table.loc[keep]
-        logger.info("Dropped %d cells not mapped to a single gene.", n_not_single)
-    if not len(table):
-        msg = (
-            f"No cells left of {n_in} in the brieflow cell table (after keeping cells with "
-            "mapped_single_gene). Pass single_gene_only=False or check the table."
-        )
-        raise ValueError(msg)
-    for column in TILE_KEY:  # h5ad obs holds categoricals; tile keys must be plain values
-        if isinstance(table[column].dtype, pd.CategoricalDtype):
-            table[column] = table[column].astype(table[column].cat.categories.dtype)
-        table[column] = _whole_numbers(table[column])
-    cell_id = next((c for c in ("cell_0", "cell_phenotype", "cell") if c in table), None)
-    if cell_id is not None:
-        uid = (
-            table["plate"].astype(str)
-            + "_"
-            + table["well"].astype(str)
-            + "_"
-            + table["tile"].astype(str)
-            + "_"
-            + table[cell_id].astype(str)
-        )
-        table.index = unique_cell_ids(
-            uid, what=f"The brieflow cell table (ids plate_well_tile_{cell_id})"
-        )
-    else:
-        table.index = unique_cell_ids(table.index, what="The brieflow cell table's index")
-
+    table, sources, counts = _brieflow_table(cells, features, perturbation_key, single_gene_only)
     metadata = [c for c in table.columns if _is_metadata(table, c)]
     feature_columns = [c for c in table.columns if c not in set(metadata)] if features else []
     cell_table = table[metadata].copy()
@@ -490,20 +524,9 @@ def _read_brieflow(
     if perturbation_key is not None:
         derived, guide = _perturbation_columns(table, perturbation_key, guide_key, control_key)
         cell_table = cell_table.drop(columns=derived.columns, errors="ignore").join(derived)
-
-    tiles, fmt = _resolve_images(images, image_kind)
-    keys = [tuple(k) for k in cell_table[list(TILE_KEY)].drop_duplicates().itertuples(index=False)]
-    if isinstance(tiles, OmeZarrTiles) and on_missing_tile == "raise":
-        _check_zarr_tiles(tiles, keys)
-    if channel_names is None:
-        if isinstance(tiles, OmeZarrTiles):
-            channel_names = ome_zarr_channel_names(tiles.path(keys[0]))
-        if channel_names is None:
-            msg = (
-                f"brieflow {fmt} tiles carry no channel names; pass channel_names= with one name "
-                "per channel, in order (brieflow's config['phenotype']['channel_names'])."
-            )
-            raise ValueError(msg)
+    tiles, fmt, channel_names = _tiles_and_channels(
+        images, image_kind, cell_table, channel_names, check_tiles=on_missing_tile == "raise"
+    )
     if crop_size == "auto":
         crop_size = _auto_crop_size(table)
         logger.info("crop_size='auto': %d px from the cells' bounding boxes.", crop_size)
@@ -512,7 +535,7 @@ def _read_brieflow(
         tiles,
         cell_table,
         out,
-        channel_names=list(channel_names),
+        channel_names=channel_names,
         crop_size=crop_size,
         resize_to=resize_to,
         align=align,
@@ -549,8 +572,7 @@ def _read_brieflow(
         "perturbation_key": perturbation_key,
         "guide_key": guide,
         "control_key": control_key,
-        "n_cells_in": int(n_in),
-        "n_dropped_not_single_gene": n_not_single,
+        **counts,
         "crop_size": int(crop_size),
         "fraction_larger_than_crop": larger,
         "n_features": len(feature_columns),

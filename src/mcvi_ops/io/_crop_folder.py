@@ -39,6 +39,8 @@ def read_crop_folder(
 ) -> AnnData:
     """Store per-cell crop files listed in an index table as a crop store with an AnnData.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     The index is a table with one row per cell: a column of crop file paths (TIFF or ``.npy``,
     one multichannel crop each) and any annotations (guide, gene, plate, well, ...), which
     become ``.obs``. Files are streamed with :func:`~mcvi_ops.io.crops_from_files`.

@@ -124,6 +124,8 @@ def crops_from_array(
 ) -> AnnData:
     """Store crops you already have (an array, in memory or on disk) as a crop store with an AnnData.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     Use this when your own segmentation and cropping pipeline produced the crops. Arrays that
     live on disk (an h5py dataset, a zarr array, a dask array) are read one store chunk of cells
     at a time, so they need not fit in memory.
@@ -304,6 +306,85 @@ def _list_files(paths_or_folder: Any, pattern: str | None) -> list[Path]:
     return files
 
 
+class _CropFiles:
+    """The per-cell image files of :func:`crops_from_files`: read one by one, written in batches."""
+
+    def __init__(
+        self, files: list[Path], *, channel_axis: ChannelAxis, n_channels: int, on_error: str
+    ) -> None:
+        self.files = files
+        self.channel_axis = channel_axis
+        self.n_channels = n_channels
+        self.on_error = on_error
+        self.skipped: list[str] = []
+
+    def load(self, path: Path) -> np.ndarray | None:
+        """The crop of one file, channel first; `None` for an unreadable file to skip."""
+        try:
+            image = read_image(path)
+        except UnreadableImageError as err:
+            if self.on_error == "raise":
+                raise
+            logger.warning("Skipping crop file %s: %s", path, err)
+            self.skipped.append(str(path))
+            return None
+        return to_channel_first(
+            image,
+            channel_axis=self.channel_axis,
+            n_channels=self.n_channels,
+            where=f"Crop file {str(path)!r}",
+        )
+
+    def first_readable(self) -> tuple[int, np.ndarray]:
+        """The position and crop of the first file that can be read (it fixes the crop size)."""
+        for position, path in enumerate(self.files):
+            image = self.load(path)
+            if image is not None:
+                return position, image
+        msg = f"None of the {len(self.files)} crop files could be read (e.g. {self.skipped[:3]})."
+        raise ValueError(msg)
+
+    def write(
+        self,
+        writer: CropWriter,
+        cell_names: pd.Index,
+        start: int,
+        first: np.ndarray,
+        resize_to: int | None,
+        dtype: np.dtype,
+        *,
+        progress: bool,
+    ) -> list[int]:
+        """Write the crops from file ``start`` on, a chunk at a time; the rows written."""
+        from tqdm.auto import tqdm
+
+        shape = first.shape[1:]
+        batch: list[np.ndarray] = []
+        rows: list[int] = []
+        positions = range(start, len(self.files))
+        for row in tqdm(positions, unit="crop", desc="Reading crops", disable=not progress):
+            path = self.files[row]
+            image = first if row == start else self.load(path)
+            if image is None:
+                continue
+            if resize_to is None and image.shape[1:] != shape:
+                msg = (
+                    f"Crop file {str(path)!r} is {image.shape[1:]} pixels but the first file is "
+                    f"{shape}. Pass resize_to= to bring all crops to one size."
+                )
+                raise ValueError(msg)
+            if resize_to:
+                image = _prepare(image[None], resize_to, dtype)[0]
+            batch.append(image)
+            rows.append(row)
+            if len(batch) >= writer.chunk_cells:
+                writer.append(np.stack(batch), cell_names=cell_names[rows[-len(batch) :]])
+                batch = []
+        if batch:
+            writer.append(np.stack(batch), cell_names=cell_names[rows[-len(batch) :]])
+        return rows
+
+
 def crops_from_files(
     paths_or_folder: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -322,6 +403,8 @@ def crops_from_files(
     progress: bool = True,
 ) -> AnnData:
     """Store a folder (or list) of per-cell crop files as a crop store with an AnnData.
+
+    .. long function: documentation and signature; the body is under 80 lines.
 
     Each file holds one cell's multichannel crop as TIFF or ``.npy``. Files are streamed, so the
     crops need not fit in memory.
@@ -376,8 +459,6 @@ def crops_from_files(
     ...     "my_crops/", "store/", channel_names=["DNA", "actin"], channel_axis="last"
     ... )
     """
-    from tqdm.auto import tqdm
-
     if on_error not in ("raise", "skip"):
         msg = f"on_error must be 'raise' or 'skip', got {on_error!r}."
         raise ValueError(msg)
@@ -386,44 +467,16 @@ def crops_from_files(
     obs = _check_obs(obs, len(files), [stem(p) for p in files])
     if "source_file" not in obs:
         obs["source_file"] = [str(p) for p in files]
-    skipped: list[str] = []
-
-    def load(path: Path) -> np.ndarray | None:
-        try:
-            image = read_image(path)
-        except UnreadableImageError as err:
-            if on_error == "raise":
-                raise
-            logger.warning("Skipping crop file %s: %s", path, err)
-            skipped.append(str(path))
-            return None
-        return to_channel_first(
-            image,
-            channel_axis=channel_axis,
-            n_channels=len(names),
-            where=f"Crop file {str(path)!r}",
-        )
-
-    first, start = None, 0
-    while first is None and start < len(files):
-        first = load(files[start])
-        start += 1
-    start -= 1  # the first readable file
-    if first is None:
-        msg = f"None of the {len(files)} crop files could be read (e.g. {skipped[:3]})."
-        raise ValueError(msg)
-    shape = first.shape[1:]
+    reader = _CropFiles(files, channel_axis=channel_axis, n_channels=len(names), on_error=on_error)
+    start, first = reader.first_readable()
     out_dtype = _out_dtype(dtype, first.dtype)
     lock = output_lock(out)
     try:
         store_path, adata_path = _output_paths(out, overwrite)
-        size = (resize_to, resize_to) if resize_to else shape
-        batch: list[np.ndarray] = []
-        rows: list[int] = []
         with CropWriter(
             str(store_path),
             n_channels=len(names),
-            crop_size=size,
+            crop_size=(resize_to, resize_to) if resize_to else first.shape[1:],
             channel_names=names,
             dtype=out_dtype,
             chunk_cells=chunk_cells,
@@ -431,39 +484,15 @@ def crops_from_files(
             nonfinite=nonfinite,
             overwrite=overwrite,
         ) as writer:
-            step = writer.chunk_cells
-
-            def append(batch: list[np.ndarray], first_row: int) -> None:
-                writer.append(np.stack(batch), cell_names=obs.index[rows[first_row:]])
-
-            for row in tqdm(
-                range(start, len(files)), unit="crop", desc="Reading crops", disable=not progress
-            ):
-                path = files[row]
-                image = first if row == start else load(path)
-                if image is None:
-                    continue
-                if resize_to is None and image.shape[1:] != shape:
-                    msg = (
-                        f"Crop file {str(path)!r} is {image.shape[1:]} pixels but the first file is "
-                        f"{shape}. Pass resize_to= to bring all crops to one size."
-                    )
-                    raise ValueError(msg)
-                if resize_to:
-                    image = _prepare(image[None], resize_to, out_dtype)[0]
-                batch.append(image)
-                rows.append(row)
-                if len(batch) >= step:
-                    append(batch, len(rows) - len(batch))
-                    batch = []
-            if batch:
-                append(batch, len(rows) - len(batch))
+            rows = reader.write(
+                writer, obs.index, start, first, resize_to, out_dtype, progress=progress
+            )
         info = {
             "source": "files",
             "n_cells": len(rows),
             "channel_names": names,
             "resize_to": resize_to,
-            "skipped_files": skipped,
+            "skipped_files": reader.skipped,
         }
         return _finish(obs.iloc[rows], writer.store, adata_path, info)
     finally:

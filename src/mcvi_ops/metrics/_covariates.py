@@ -122,6 +122,8 @@ def technical_covariates(
 ) -> pd.DataFrame:
     """Measure how well technical covariates can be predicted from cell embeddings.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     A balanced logistic regression (``class_weight="balanced"``, standardised features) is fitted
     on a stratified train split and scored on the held-out cells by macro-F1 and one-vs-rest
     AUROC. Position covariates are fitted within each batch (so the batch does not leak into
@@ -182,32 +184,21 @@ def technical_covariates(
     """
     for c in covariates:
         check_obs_key(adata, c, what="covariate", hint=_covariate_hint(c))
-    mask = np.ones(adata.n_obs, dtype=bool)
-    if controls_only:
-        codes, names = codes_of(check_obs_key(adata, perturbation_key, what="perturbation"))
-        mask = np.isin(codes, np.flatnonzero(names == str(control_category)))
-        if not mask.any():
-            msg = (
-                f"No control cells with .obs[{perturbation_key!r}] == {control_category!r}. Pass "
-                "the right `control_category`, or controls_only=False."
-            )
-            raise ValueError(msg)
-    for c in covariates:
-        values = adata.obs[c][mask].dropna()
-        if values.nunique() < 2:
-            msg = (
-                f"Covariate .obs[{c!r}] has {values.nunique()} class(es) among the "
-                f"{mask.sum()} cells used ({values.unique()[:3].tolist()}); need at least 2 to "
-                "predict. Drop it from `covariates` or check its derivation."
-            )
-            raise ValueError(msg)
+    cells = _cells_used(adata, controls_only, perturbation_key, control_category)
+    _check_classes(adata, covariates, cells)
     # row positions and integer label codes: no per-cell copies of embeddings or strings
-    cells = np.flatnonzero(mask)
+    batches = None
     if any(c in within_batch for c in covariates):
         batch_codes, batch_names = codes_of(check_obs_key(adata, batch_key, what="batch"))
-        batches_all = batch_codes[cells]
-
+        batches = (batch_codes[cells], batch_names)
     labels = {c: codes_of(adata.obs[c]) for c in covariates}
+    fit_kwargs = {
+        "test_size": test_size,
+        "min_cells_per_class": min_cells_per_class,
+        "max_cells": max_cells,
+        "C": C,
+        "max_iter": max_iter,
+    }
     frames = []
     store = adata.uns.get(key_added)
     store = dict(store) if isinstance(store, Mapping) else {}
@@ -228,62 +219,93 @@ def technical_covariates(
         for c in covariates:
             y_codes, y_names = labels[c]
             y_all = y_codes[cells]
-            fit_kwargs = {
-                "test_size": test_size,
-                "min_cells_per_class": min_cells_per_class,
-                "max_cells": max_cells,
-                "rng": rng,
-                "C": C,
-                "max_iter": max_iter,
-            }
-            valid = (y_all >= 0) & (batches_all >= 0 if c in within_batch else True)
             if c in within_batch:
-                scores = []
-                for b in pd.unique(batches_all[valid]):
-                    sel = valid & (batches_all == b)
-                    res = _fit_score(x_all, cells[sel], y_names[y_all[sel]], **fit_kwargs)
-                    if res is not None:
-                        scores.append(res)
-                        per_batch.append({"covariate": c, "batch": batch_names[b], **res})
-                if not scores:
-                    logger.warning(
-                        "%s: no batch has >= 2 classes of %r with >= %d cells; reporting NaN.",
-                        label,
-                        c,
-                        min_cells_per_class,
-                    )
-                    summary = dict.fromkeys(
-                        ["macro_f1", "auroc", "f1_chance", "auroc_chance"], np.nan
-                    )
-                    summary.update(n_cells=0, n_classes=0)
-                else:
-                    df = pd.DataFrame(scores)
-                    summary = df.median(numeric_only=True).to_dict()
-                    summary["n_cells"] = int(df["n_cells"].sum())
-                    summary["n_classes"] = int(df["n_classes"].max())
-                rows.append(
-                    {
-                        "representation": label,
-                        "covariate": c,
-                        **summary,
-                        "n_batches": len(scores),
-                        "scope": "within-batch median",
-                    }
+                row, fits = _within_batches(
+                    x_all, cells, y_all, y_names, batches, c, label, rng=rng, **fit_kwargs
                 )
+                per_batch += fits
             else:
-                res = _fit_score(x_all, cells[valid], y_names[y_all[valid]], **fit_kwargs)
+                valid = y_all >= 0
+                res = _fit_score(x_all, cells[valid], y_names[y_all[valid]], rng=rng, **fit_kwargs)
                 if res is None:
                     msg = (
                         f"Covariate {c!r} has fewer than 2 classes with >= "
                         f"{min_cells_per_class} cells; lower `min_cells_per_class` or drop it."
                     )
                     raise ValueError(msg)
-                rows.append(
-                    {"representation": label, "covariate": c, **res, "n_batches": 1, "scope": "all"}
-                )
+                row = {**res, "n_batches": 1, "scope": "all"}
+            rows.append({"representation": label, "covariate": c, **row})
         frame = pd.DataFrame(rows)
         frame[["n_cells", "n_classes"]] = frame[["n_cells", "n_classes"]].astype(int)
         frames.append(frame)
         store[label] = {"metrics": frame, "per_batch": pd.DataFrame(per_batch)}
     adata.uns[key_added] = store
     return pd.concat(frames, ignore_index=True)
+
+
+def _cells_used(
+    adata: AnnData, controls_only: bool, perturbation_key: str, control_category: str
+) -> np.ndarray:
+    """Row positions of the cells to fit on: the controls, or every cell."""
+    if not controls_only:
+        return np.arange(adata.n_obs)
+    codes, names = codes_of(check_obs_key(adata, perturbation_key, what="perturbation"))
+    mask = np.isin(codes, np.flatnonzero(names == str(control_category)))
+    if not mask.any():
+        msg = (
+            f"No control cells with .obs[{perturbation_key!r}] == {control_category!r}. Pass "
+            "the right `control_category`, or controls_only=False."
+        )
+        raise ValueError(msg)
+    return np.flatnonzero(mask)
+
+
+def _check_classes(adata: AnnData, covariates: Sequence[str], cells: np.ndarray) -> None:
+    """Every covariate needs at least two classes among the cells used."""
+    for c in covariates:
+        values = adata.obs[c].iloc[cells].dropna()
+        if values.nunique() < 2:
+            msg = (
+                f"Covariate .obs[{c!r}] has {values.nunique()} class(es) among the "
+                f"{cells.size} cells used ({values.unique()[:3].tolist()}); need at least 2 to "
+                "predict. Drop it from `covariates` or check its derivation."
+            )
+            raise ValueError(msg)
+
+
+def _within_batches(
+    x_all,
+    cells: np.ndarray,
+    y_all: np.ndarray,
+    y_names: np.ndarray,
+    batches: tuple[np.ndarray, np.ndarray],
+    covariate: str,
+    label: str,
+    **fit_kwargs,
+) -> tuple[dict, list[dict]]:
+    """The median scores of fits within each batch (the batch cannot leak into them), and each fit."""
+    batch_of_cell, batch_names = batches
+    valid = (y_all >= 0) & (batch_of_cell >= 0)
+    scores, per_batch = [], []
+    for b in pd.unique(batch_of_cell[valid]):
+        sel = valid & (batch_of_cell == b)
+        res = _fit_score(x_all, cells[sel], y_names[y_all[sel]], **fit_kwargs)
+        if res is not None:
+            scores.append(res)
+            per_batch.append({"covariate": covariate, "batch": batch_names[b], **res})
+    if not scores:
+        logger.warning(
+            "%s: no batch has >= 2 classes of %r with >= %d cells; reporting NaN.",
+            label,
+            covariate,
+            fit_kwargs["min_cells_per_class"],
+        )
+        summary = dict.fromkeys(["macro_f1", "auroc", "f1_chance", "auroc_chance"], np.nan)
+        summary.update(n_cells=0, n_classes=0)
+    else:
+        df = pd.DataFrame(scores)
+        summary = df.median(numeric_only=True).to_dict()
+        summary["n_cells"] = int(df["n_cells"].sum())
+        summary["n_classes"] = int(df["n_classes"].max())
+    row = {**summary, "n_batches": len(scores), "scope": "within-batch median"}
+    return row, per_batch

@@ -47,6 +47,31 @@ def _labels(adata: AnnData, labels, gene_key: str) -> tuple[np.ndarray, np.ndarr
     return y, genes
 
 
+def _cross_validated_predictions(
+    x: np.ndarray,
+    y: np.ndarray,
+    genes: np.ndarray,
+    *,
+    n_splits: int,
+    C: float,
+    max_iter: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's group predicted by a classifier that never saw its gene, and the fold."""
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    predicted = np.empty(y.size, dtype=object)
+    fold = np.empty(y.size, dtype=np.int64)
+    for k, (train, test) in enumerate(cv.split(x, y, groups=genes)):
+        clf = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(class_weight="balanced", C=C, max_iter=max_iter),
+        )
+        clf.fit(x[train], y[train])
+        predicted[test] = clf.predict(x[test])
+        fold[test] = k
+    return predicted.astype(str), fold
+
+
 def function_classification(
     guide_adata: AnnData,
     *,
@@ -60,6 +85,8 @@ def function_classification(
     key_added: str = "function_classification",
 ) -> dict:
     """Classify gene-function groups from guide-level (or gene-level) embeddings.
+
+    .. long function: documentation and signature; the body is under 80 lines.
 
     A balanced logistic regression (``class_weight="balanced"``, standardised features) is
     cross-validated with :class:`~sklearn.model_selection.StratifiedGroupKFold`, grouped by gene so
@@ -138,18 +165,9 @@ def function_classification(
         raise ValueError(msg)
     x = get_rep(guide_adata, use_rep)[labelled]
     y_l, g_l = y[labelled], genes[labelled]
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    predicted = np.empty(y_l.size, dtype=object)
-    fold = np.empty(y_l.size, dtype=np.int64)
-    for k, (train, test) in enumerate(cv.split(x, y_l, groups=g_l)):
-        clf = make_pipeline(
-            StandardScaler(),
-            LogisticRegression(class_weight="balanced", C=C, max_iter=max_iter),
-        )
-        clf.fit(x[train], y_l[train])
-        predicted[test] = clf.predict(x[test])
-        fold[test] = k
-    predicted = predicted.astype(str)
+    predicted, fold = _cross_validated_predictions(
+        x, y_l, g_l, n_splits=n_splits, C=C, max_iter=max_iter, seed=seed
+    )
     counts = confusion_matrix(y_l, predicted, labels=groups)
     confusion = counts / counts.sum(axis=1, keepdims=True)
     recall = pd.DataFrame(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -99,6 +100,8 @@ def known_relationships(
 ) -> pd.DataFrame:
     """Score how well gene embeddings recover known gene relationships.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     The cosine similarity of every pair of genes is computed (in blocks, float32). For each source
     of known relationships two views are reported:
 
@@ -175,124 +178,162 @@ def known_relationships(
             "`mcvi_ops.tl.aggregate(adata, use_rep=..., level='gene')`."
         )
         raise ValueError(msg)
-
     frames = []
     store = gene_adata.uns.get(key_added)
     store = dict(store) if isinstance(store, Mapping) else {}
     for rep in rep_names(use_rep):
         label = rep_label(rep)
         xn, names = _unit_rows(get_rep(gene_adata, rep)[keep], names_all[keep], label)
-        n = names.size
-        if n < 3:
-            msg = f"Need at least 3 genes with a non-zero embedding, got {n}."
+        if names.size < 3:
+            msg = f"Need at least 3 genes with a non-zero embedding, got {names.size}."
             raise ValueError(msg)
-        index_of = pd.Series(np.arange(n), index=names)
         all_sims = condensed_cosine(xn)
+        tails = _Tails.of(all_sims, percentiles)
+        rows, curves = [], {}
+        for source, pairs in sources.items():
+            scored = _score_source(xn, names, all_sims, source, pairs, tails, min_pairs=min_pairs)
+            base = {"representation": label, "source": source, **scored.counts}
+            rows += [{**base, **row} for row in scored.rows]
+            keep_points = _thin(scored.recall, n_curve_points)
+            curves[source] = {
+                "recall": scored.recall[keep_points].astype(np.float32),
+                "precision": scored.precision[keep_points].astype(np.float32),
+                "baseline": float(scored.prevalence),
+            }
+        del all_sims
+        frame = pd.DataFrame(rows, columns=_COLUMNS)
+        frames.append(frame)
+        store[label] = {
+            "metrics": frame,
+            "curves": curves,
+            "thresholds": {f"{p:g}": np.asarray(t) for p, t in tails.thresholds.items()},
+            "params": {
+                "sources": list(sources),
+                "percentiles": percentiles,
+                "min_pairs": min_pairs,
+                "n_genes": int(names.size),
+            },
+        }
+        logger.info(
+            "known_relationships(%s): %d genes, %d sources.", label, names.size, len(sources)
+        )
+    gene_adata.uns[key_added] = store
+    return pd.concat(frames, ignore_index=True)
+
+
+_COLUMNS = [
+    "representation",
+    "source",
+    "metric",
+    "value",
+    "baseline",
+    "n_genes",
+    "n_pairs",
+    "n_candidate_pairs",
+]
+
+
+@dataclass
+class _Tails:
+    """The similarity thresholds of each tail percentile, and the share of pairs beyond them."""
+
+    thresholds: dict[float, tuple[float, float]]  # percentile -> (bottom, top) threshold
+    fractions: dict[float, tuple[float, float]]  # percentile -> share of pairs (below, above)
+
+    @classmethod
+    def of(cls, all_sims: np.ndarray, percentiles: list[float]) -> _Tails:
         probs = [p / 100 for p in percentiles] + [1 - p / 100 for p in percentiles]
         qs = np.quantile(all_sims, probs)
         thresholds = {
             p: (float(qs[k]), float(qs[k + len(percentiles)])) for k, p in enumerate(percentiles)
         }
-        tail_fraction = {
+        fractions = {
             p: (
                 np.count_nonzero(all_sims <= lo) / all_sims.size,
                 np.count_nonzero(all_sims >= hi) / all_sims.size,
             )
             for p, (lo, hi) in thresholds.items()
         }
-        rows, curves = [], {}
-        for source, pairs in sources.items():
-            in1 = pairs["entity1"].isin(index_of.index).to_numpy()
-            in2 = pairs["entity2"].isin(index_of.index).to_numpy()
-            source_genes = np.union1d(pairs["entity1"].to_numpy(), pairs["entity2"].to_numpy())
-            present = np.intersect1d(source_genes, names)
-            if present.size < 2:
-                msg = (
-                    f"Relationship source {source!r}: {present.size} of its {source_genes.size} "
-                    f"genes are in the embedding's {n} genes (e.g. table genes "
-                    f"{list(source_genes[:3])}, embedding genes {list(names[:3])}). Check that "
-                    "rows are gene symbols (set `gene_key`) or drop this source."
-                )
-                raise ValueError(msg)
-            both = in1 & in2
-            if both.sum() < min_pairs:
-                msg = (
-                    f"Relationship source {source!r} has {both.sum()} annotated pairs among the "
-                    f"embedded genes, fewer than min_pairs={min_pairs}. Use a larger gene set, "
-                    "another source, or lower `min_pairs`."
-                )
-                raise ValueError(msg)
-            a = index_of.loc[pairs["entity1"].to_numpy()[both]].to_numpy()
-            b = index_of.loc[pairs["entity2"].to_numpy()[both]].to_numpy()
-            i, j = np.minimum(a, b), np.maximum(a, b)
-            pair_sims = all_sims[condensed_index(i, j, n)]
-            # Average precision among the genes annotated in this source.
-            sub = np.sort(index_of.loc[present].to_numpy())
-            local = pd.Series(np.arange(sub.size), index=sub)
-            li, lj = local.loc[i].to_numpy(), local.loc[j].to_numpy()
-            sub_sims = condensed_cosine(xn[sub])
-            positive_scores = sub_sims[condensed_index(li, lj, sub.size)]
-            sub_sims.sort()
-            ap, recall, precision = average_precision_sorted(sub_sims, positive_scores)
-            n_candidates = sub_sims.size
-            del sub_sims
-            base = {
-                "representation": label,
-                "source": source,
-                "n_genes": int(sub.size),
-                "n_pairs": int(both.sum()),
-                "n_candidate_pairs": int(n_candidates),
-            }
-            prevalence = both.sum() / n_candidates
-            rows.append(
-                {**base, "metric": "average_precision", "value": ap, "baseline": prevalence}
-            )
-            for p, (lo, hi) in thresholds.items():
-                bottom, top = pair_sims <= lo, pair_sims >= hi
-                low_fraction, high_fraction = tail_fraction[p]
-                for metric, hit, baseline in (
-                    (f"recall_{p:g}", bottom | top, low_fraction + high_fraction),
-                    (f"recall_top_{p:g}", top, high_fraction),
-                    (f"recall_bottom_{p:g}", bottom, low_fraction),
-                ):
-                    rows.append(
-                        {
-                            **base,
-                            "metric": metric,
-                            "value": float(hit.mean()),
-                            "baseline": float(baseline),
-                        }
-                    )
-            keep_points = _thin(recall, n_curve_points)
-            curves[source] = {
-                "recall": recall[keep_points].astype(np.float32),
-                "precision": precision[keep_points].astype(np.float32),
-                "baseline": float(prevalence),
-            }
-        del all_sims
-        columns = [
-            "representation",
-            "source",
-            "metric",
-            "value",
-            "baseline",
-            "n_genes",
-            "n_pairs",
-            "n_candidate_pairs",
-        ]
-        frame = pd.DataFrame(rows, columns=columns)
-        frames.append(frame)
-        store[label] = {
-            "metrics": frame,
-            "curves": curves,
-            "thresholds": {f"{p:g}": np.asarray(t) for p, t in thresholds.items()},
-            "params": {
-                "sources": list(sources),
-                "percentiles": percentiles,
-                "min_pairs": min_pairs,
-                "n_genes": int(n),
-            },
-        }
-        logger.info("known_relationships(%s): %d genes, %d sources.", label, n, len(sources))
-    gene_adata.uns[key_added] = store
-    return pd.concat(frames, ignore_index=True)
+        return cls(thresholds, fractions)
+
+
+@dataclass
+class _SourceScores:
+    """Scores of one relationship source: metric rows, counts and the precision-recall curve."""
+
+    rows: list[dict]
+    counts: dict[str, int]
+    recall: np.ndarray
+    precision: np.ndarray
+    prevalence: float
+
+
+def _annotated_pairs(
+    names: np.ndarray, source: str, pairs: pd.DataFrame, *, min_pairs: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gene rows ``i < j`` of the source's pairs among the embedded genes, and its genes there."""
+    index_of = pd.Series(np.arange(names.size), index=names)
+    in1 = pairs["entity1"].isin(index_of.index).to_numpy()
+    in2 = pairs["entity2"].isin(index_of.index).to_numpy()
+    source_genes = np.union1d(pairs["entity1"].to_numpy(), pairs["entity2"].to_numpy())
+    present = np.intersect1d(source_genes, names)
+    if present.size < 2:
+        msg = (
+            f"Relationship source {source!r}: {present.size} of its {source_genes.size} "
+            f"genes are in the embedding's {names.size} genes (e.g. table genes "
+            f"{list(source_genes[:3])}, embedding genes {list(names[:3])}). Check that "
+            "rows are gene symbols (set `gene_key`) or drop this source."
+        )
+        raise ValueError(msg)
+    both = in1 & in2
+    if both.sum() < min_pairs:
+        msg = (
+            f"Relationship source {source!r} has {both.sum()} annotated pairs among the "
+            f"embedded genes, fewer than min_pairs={min_pairs}. Use a larger gene set, "
+            "another source, or lower `min_pairs`."
+        )
+        raise ValueError(msg)
+    a = index_of.loc[pairs["entity1"].to_numpy()[both]].to_numpy()
+    b = index_of.loc[pairs["entity2"].to_numpy()[both]].to_numpy()
+    return np.minimum(a, b), np.maximum(a, b), np.sort(index_of.loc[present].to_numpy())
+
+
+def _score_source(
+    xn: np.ndarray,
+    names: np.ndarray,
+    all_sims: np.ndarray,
+    source: str,
+    pairs: pd.DataFrame,
+    tails: _Tails,
+    *,
+    min_pairs: int,
+) -> _SourceScores:
+    """Average precision among the source's genes, and recall of its pairs in the tails."""
+    i, j, sub = _annotated_pairs(names, source, pairs, min_pairs=min_pairs)
+    pair_sims = all_sims[condensed_index(i, j, names.size)]
+    # average precision among the genes annotated in this source
+    local = pd.Series(np.arange(sub.size), index=sub)
+    li, lj = local.loc[i].to_numpy(), local.loc[j].to_numpy()
+    sub_sims = condensed_cosine(xn[sub])
+    positive_scores = sub_sims[condensed_index(li, lj, sub.size)]
+    sub_sims.sort()
+    ap, recall, precision = average_precision_sorted(sub_sims, positive_scores)
+    n_candidates = sub_sims.size
+    del sub_sims
+    prevalence = i.size / n_candidates
+    rows = [{"metric": "average_precision", "value": ap, "baseline": prevalence}]
+    for p, (lo, hi) in tails.thresholds.items():
+        bottom, top = pair_sims <= lo, pair_sims >= hi
+        low_fraction, high_fraction = tails.fractions[p]
+        for metric, hit, baseline in (
+            (f"recall_{p:g}", bottom | top, low_fraction + high_fraction),
+            (f"recall_top_{p:g}", top, high_fraction),
+            (f"recall_bottom_{p:g}", bottom, low_fraction),
+        ):
+            rows.append({"metric": metric, "value": float(hit.mean()), "baseline": float(baseline)})
+    counts = {
+        "n_genes": int(sub.size),
+        "n_pairs": int(i.size),
+        "n_candidate_pairs": int(n_candidates),
+    }
+    return _SourceScores(rows, counts, recall, precision, prevalence)

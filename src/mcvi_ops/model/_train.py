@@ -128,7 +128,7 @@ class ImageTrainingMixin(UnsupervisedTrainingMixin):
         ``**trainer_kwargs`` (Lightning, e.g. ``gradient_clip_val=None``,
         ``early_stopping_patience=10``, ``strategy="ddp"``).
 
-        .. long function: documentation only; the body is under 80 lines.
+        .. long function: documentation and signature; the body is under 80 lines.
 
         Parameters
         ----------

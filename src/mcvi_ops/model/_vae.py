@@ -34,13 +34,13 @@ class VAE(BaseImageModel):
     Examples
     --------
     >>> import mcvi_ops
-    >>> adata = mcvi_ops.datasets.synthetic_screen(n_cells=2_000, seed=0)
+    >>> adata = mcvi_ops.datasets.synthetic_screen(n_cells=600, crop_size=32, seed=0)
     >>> mcvi_ops.VAE.setup_anndata(adata, perturbation_key="gene_symbol")
     >>> model = mcvi_ops.VAE(adata)
     >>> model.train(max_epochs=1)
     >>> latent = model.get_latent_representation(add_to_obsm=True)
     >>> adata.obsm["X_vae"].shape
-    (2000, 64)
+    (600, 64)
     """
 
     _module_cls = ImageVAE

@@ -44,6 +44,72 @@ def _pick(table: pd.DataFrame, column: str, wanted: Sequence[str] | None, what: 
     return picked
 
 
+def _summaries(
+    table: pd.DataFrame, keys: list[str], value_key: str, error_key, chance_key
+) -> tuple[pd.Series, pd.Series | None, str | None, pd.Series | None]:
+    """Per (method, metric): the mean value, its error bar (and what it shows), the chance."""
+    grouped = table.groupby(keys, sort=False)
+    mean = grouped[value_key].mean()
+    if error_key is not None:
+        error = grouped[error_key].mean()
+    else:
+        error = grouped[value_key].std(ddof=1) if grouped.size().max() > 1 else None
+    error_note = (
+        f"error bars: {readable(error_key)}"
+        if error_key is not None
+        else f"mean and SD of up to {grouped.size().max()} repeats"
+        if error is not None
+        else None
+    )
+    chance = grouped[chance_key].mean() if chance_key is not None else None
+    return mean, error, error_note, chance
+
+
+def _method_colors(method_names: list[str], palette) -> list:
+    """One colour per method: from ``palette`` (a mapping or a sequence), else the colour cycle."""
+    import matplotlib as mpl
+
+    cycle = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+    if isinstance(palette, Mapping):
+        return [palette.get(m, cycle[i % len(cycle)]) for i, m in enumerate(method_names)]
+    if palette is not None:
+        return [list(palette)[i % len(palette)] for i in range(len(method_names))]
+    return [cycle[i % len(cycle)] for i in range(len(method_names))]
+
+
+def _label_bars(ax, xs, values, errors, *, annotate: bool, rotation: float) -> float:
+    """Write each bar's value above it (``n/a`` where it is NaN); the highest point drawn."""
+    top = 0.0
+    for x, v, e in zip(xs, values, errors if errors is not None else [0.0] * len(xs), strict=True):
+        if np.isnan(v):
+            mark_missing(ax, x, 0)
+            continue
+        y = v + (0.0 if np.isnan(e) else e)
+        top = max(top, y)
+        if annotate:
+            text = f"{v:.3f}" if abs(v) < 10 else f"{v:.3g}"
+            ax.text(x, y, text, ha="center", va="bottom", fontsize="x-small", rotation=rotation)
+    return top
+
+
+def _chance_lines(ax, chance: pd.Series, method_names, metric_names, width: float) -> float:
+    """Dashed chance levels: one line across a group of bars, or one per bar; the highest."""
+    top = 0.0
+    n_methods = len(method_names)
+    for j, m in enumerate(metric_names):
+        levels = chance.reindex([(method, m) for method in method_names]).to_numpy(dtype=float)
+        if np.all(np.isnan(levels)):
+            continue
+        if np.nanmax(levels) - np.nanmin(levels) < 1e-9:  # one line across the group
+            y, start, end = np.nanmean(levels), j - 0.45, j + 0.45
+        else:  # one line over each bar
+            xs = j - 0.4 + width * (np.arange(n_methods) + 0.5)
+            y, start, end = levels, xs - width / 2, xs + width / 2
+        ax.hlines(y, start, end, color="k", lw=1.2, linestyles="--", zorder=3)
+        top = max(top, float(np.nanmax(levels)))
+    return top
+
+
 @shared_docs
 def method_comparison(
     table: pd.DataFrame,
@@ -65,6 +131,8 @@ def method_comparison(
     return_fig: bool = False,
 ):
     """Grouped bars of several embedding methods per metric, with each metric's chance level.
+
+    .. long function: documentation and signature; the body is under 80 lines.
 
     One group of bars per metric, one bar (one colour) per method, e.g. mcVAE variants, a VAE,
     CellProfiler features and a PCA of the pixels. The chance level (or baseline) of each metric
@@ -118,9 +186,8 @@ def method_comparison(
     ...         "chance": [0.10, 0.10, 0.25, 0.25],
     ...     }
     ... )
-    >>> mcvi_ops.pl.method_comparison(table, save="methods.png")  # doctest: +SKIP
+    >>> fig = mcvi_ops.pl.method_comparison(table, save="methods.png", return_fig=True)
     """
-    import matplotlib as mpl
     from matplotlib.lines import Line2D
 
     if not isinstance(table, pd.DataFrame):
@@ -144,30 +211,11 @@ def method_comparison(
     metric_names = _pick(table, metric_key, metrics, "metrics")
     method_names = _pick(table, method_key, methods, "methods")
     table = table[table[metric_key].isin(metric_names) & table[method_key].isin(method_names)]
-    grouped = table.groupby([method_key, metric_key], sort=False)
-    mean = grouped[value_key].mean()
-    if error_key is not None:
-        error = grouped[error_key].mean()
-    else:
-        error = grouped[value_key].std(ddof=1) if grouped.size().max() > 1 else None
-    error_note = (
-        f"error bars: {readable(error_key)}"
-        if error_key is not None
-        else f"mean and SD of up to {grouped.size().max()} repeats"
-        if error is not None
-        else None
+    mean, error, error_note, chance = _summaries(
+        table, [method_key, metric_key], value_key, error_key, chance_key
     )
-    chance = grouped[chance_key].mean() if chance_key is not None else None
 
-    if isinstance(palette, Mapping):
-        cycle = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
-        colors = [palette.get(m, cycle[i % len(cycle)]) for i, m in enumerate(method_names)]
-    elif palette is not None:
-        colors = [list(palette)[i % len(palette)] for i in range(len(method_names))]
-    else:
-        cycle = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
-        colors = [cycle[i % len(cycle)] for i in range(len(method_names))]
-
+    colors = _method_colors(method_names, palette)
     n_methods, n_metrics = len(method_names), len(metric_names)
     ax_given = ax is not None
     fig, ax = new_axes(ax, figsize=(0.32 * n_methods * n_metrics + 0.8 * n_metrics + 3.5, 4))
@@ -192,37 +240,9 @@ def method_comparison(
             yerr=errors,
             error_kw={"elinewidth": 0.8, "capsize": 2},
         )
-        for x, v, e in zip(
-            xs, values, errors if errors is not None else [0.0] * n_metrics, strict=True
-        ):
-            if np.isnan(v):
-                mark_missing(ax, x, 0)
-                continue
-            y = v + (0.0 if np.isnan(e) else e)
-            top = max(top, y)
-            if annotate:
-                text = f"{v:.3f}" if abs(v) < 10 else f"{v:.3g}"
-                ax.text(
-                    x,
-                    y,
-                    text,
-                    ha="center",
-                    va="bottom",
-                    fontsize="x-small",
-                    rotation=rotation,
-                )
+        top = max(top, _label_bars(ax, xs, values, errors, annotate=annotate, rotation=rotation))
     if chance is not None:
-        for j, m in enumerate(metric_names):
-            levels = chance.reindex([(method, m) for method in method_names]).to_numpy(dtype=float)
-            if np.all(np.isnan(levels)):
-                continue
-            if np.nanmax(levels) - np.nanmin(levels) < 1e-9:  # one line across the group
-                y, start, end = np.nanmean(levels), j - 0.45, j + 0.45
-            else:  # one line over each bar
-                xs = x0[j] - 0.4 + width * (np.arange(n_methods) + 0.5)
-                y, start, end = levels, xs - width / 2, xs + width / 2
-            ax.hlines(y, start, end, color="k", lw=1.2, linestyles="--", zorder=3)
-            top = max(top, float(np.nanmax(levels)))
+        top = max(top, _chance_lines(ax, chance, method_names, metric_names, width))
     ax.set_xticks(x0, [readable(m) for m in metric_names])
     ax.set_xlim(-0.5, n_metrics - 0.5)
     ax.set_ylabel(ylabel)

@@ -296,6 +296,8 @@ def salient_background(
 ):
     """UMAPs of several embeddings (by default salient and background) side by side.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     The UMAPs are read, never computed: :func:`mcvi_ops.tl.umaps` stores the UMAP of each
     representation ``rep`` under ``.obsm[f"X_umap_{rep}"]`` (for one representation, scanpy's
     ``.obsm["X_umap"]`` also serves when ``.uns["neighbors"]`` was computed on it). A missing UMAP

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -17,14 +17,14 @@ from mcvi_ops.data import link_crops, open_crops
 from mcvi_ops.data._images import ChannelAxis, MissingTileError
 from mcvi_ops.data._link import write_h5ad
 from mcvi_ops.data._tables import Preset, as_cell_table, resolve_columns, unique_cell_ids
-from mcvi_ops.data._writer import check_channel_names
 
-from ._align import _check_percentiles
 from ._parallel import DaskPool, LocalPool, run_parallel, run_serial
 from ._resume import RunFolder, table_fingerprint
 from ._tiles import (
+    CropParams,
     TileResult,
     TileTask,
+    checked_options,
     resolve_sources,
     source_fingerprint,
     tile_label,
@@ -38,57 +38,73 @@ TileInput = (
 )
 
 
-def _check_params(
-    crop_size: int,
-    resize_to: int | None,
-    edge_margin: int | None,
-    channel_names: Sequence[str],
-    channel_axis: ChannelAxis,
-    reference_channel: int | str,
-    dtype: Any,
-    options: dict[str, tuple[str, tuple[str, ...]]],
-) -> tuple[int, int, np.dtype]:
-    if int(crop_size) != crop_size or crop_size < 2:
-        msg = f"crop_size must be an integer >= 2 pixels, got {crop_size!r} (e.g. crop_size=100)."
-        raise ValueError(msg)
-    if resize_to is not None and (int(resize_to) != resize_to or resize_to < 1):
-        msg = f"resize_to must be a positive integer or None, got {resize_to!r} (e.g. 64)."
-        raise ValueError(msg)
-    if edge_margin is None:
-        edge_margin = math.ceil(crop_size / 2)
-    elif int(edge_margin) != edge_margin or edge_margin < 0:
-        msg = f"edge_margin must be a non-negative integer or None, got {edge_margin!r}."
-        raise ValueError(msg)
-    names = check_channel_names(channel_names)
-    if not names:
-        msg = f"channel_names must be a list of names, one per channel, got {channel_names!r}."
-        raise ValueError(msg)
-    if channel_axis not in ("first", "last") and not isinstance(channel_axis, int):
-        msg = f"channel_axis must be 'first', 'last' or an integer axis, got {channel_axis!r}."
-        raise ValueError(msg)
-    if isinstance(reference_channel, str):
-        if reference_channel not in names:
+@dataclass
+class _CellsByTile:
+    """The table's cells grouped by tile, tiles in sorted tile-key order."""
+
+    keys: list[Any]
+    labels: list[str]
+    positions: list[np.ndarray]  # table row positions of each tile's cells
+    y: np.ndarray  # centroid row of every table row (NaN where missing)
+    x: np.ndarray
+    n_nan: int  # cells dropped for a missing centroid
+
+
+def _cells_by_tile(
+    table: pd.DataFrame, cell_ids: pd.Index, key_cols: list[str], y_key: str, x_key: str
+) -> _CellsByTile:
+    """Group the cells with a centroid by tile; a cell without a tile key is an error."""
+    y_all = pd.to_numeric(table[y_key], errors="coerce").to_numpy(np.float64)
+    x_all = pd.to_numeric(table[x_key], errors="coerce").to_numpy(np.float64)
+    if key_cols:
+        no_key = table[key_cols].isna().any(axis=1).to_numpy()
+        if no_key.any():
             msg = (
-                f"reference_channel {reference_channel!r} is not one of the channel names {names}."
+                f"{int(no_key.sum())} cells have no tile key (NaN in {key_cols}), e.g. rows "
+                f"{list(cell_ids[no_key][:5])}. Fill in their tile, or drop them from the table."
             )
             raise ValueError(msg)
-        reference = names.index(reference_channel)
+    valid = np.isfinite(y_all) & np.isfinite(x_all)
+    n_nan = int((~valid).sum())
+    if n_nan:
+        logger.warning(
+            "Dropping %d cells with a missing (NaN) centroid, e.g. rows %s.",
+            n_nan,
+            list(cell_ids[~valid][:5]),
+        )
+    valid_positions = np.flatnonzero(valid)
+    if key_cols:
+        tile_keys = _plain_values(table[key_cols].iloc[valid_positions])
+        groups = tile_keys.groupby(key_cols, sort=True, observed=True).indices
+        keys = [_plain_key(k) for k in groups]
+        positions = [valid_positions[np.asarray(groups[k])] for k in groups]
     else:
-        reference = int(reference_channel)
-        if not 0 <= reference < len(names):
+        keys, positions = [None], [valid_positions]
+    labels = [tile_label(key_cols, k) for k in keys]
+    return _CellsByTile(keys, labels, positions, y_all, x_all, n_nan)
+
+
+def _tile_sources(
+    tiles: TileInput,
+    cells: _CellsByTile,
+    cell_ids: pd.Index,
+    key_cols: list[str],
+    *,
+    raise_missing: bool,
+) -> list[Any]:
+    """The image (or where to find it) of each tile; tiles without one are an error if asked."""
+    first_rows = [cell_ids[g[0]] if len(g) else None for g in cells.positions]
+    sources, how = resolve_sources(tiles, key_cols, cells.keys, rows=first_rows)
+    if raise_missing and how != "callable":
+        missing = [lab for lab, src in zip(cells.labels, sources, strict=True) if src is None]
+        if missing:
             msg = (
-                f"reference_channel={reference_channel} is out of range for {len(names)} channels."
+                f"No image found for {len(missing)} of {len(cells.keys)} tiles, e.g. "
+                f"{missing[:5]} (tiles given as a {how}). Add the images, fix the tile path "
+                "template or keys, or pass on_missing_tile='skip' to drop their cells."
             )
-            raise ValueError(msg)
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype("uint16"), np.dtype("float32")):
-        msg = f"dtype must be 'uint16' or 'float32', got {dtype}."
-        raise ValueError(msg)
-    for name, (value, allowed) in options.items():
-        if value not in allowed:
-            msg = f"{name} must be one of {list(allowed)}, got {value!r}."
-            raise ValueError(msg)
-    return int(edge_margin), reference, dtype
+            raise MissingTileError(msg)
+    return sources
 
 
 def _n_workers(n_jobs: int) -> int:
@@ -137,6 +153,8 @@ def extract_crops(
     progress: bool = True,
 ) -> AnnData:
     """Cut single-cell crops out of multichannel tiles into a crop store, with one AnnData row per crop.
+
+    .. long function: documentation and signature; the body is under 80 lines.
 
     Each tile is loaded once, its channels are aligned to a reference channel (optional), each
     channel is clipped to its own ``clip_percentiles``, and a ``crop_size`` square is cut around
@@ -281,28 +299,26 @@ def extract_crops(
     >>> mcvi_ops.data.get_crops(adata, [0, 1]).shape  # doctest: +SKIP
     (2, 4, 64, 64)
     """
-    margin, reference, out_dtype = _check_params(
-        crop_size,
-        resize_to,
-        edge_margin,
-        channel_names,
-        channel_axis,
-        reference_channel,
-        dtype,
-        {
+    options = checked_options(
+        crop_size=crop_size,
+        resize_to=resize_to,
+        edge_margin=edge_margin,
+        channel_names=channel_names,
+        channel_axis=channel_axis,
+        reference_channel=reference_channel,
+        dtype=dtype,
+        clip_percentiles=clip_percentiles,
+        choices={
             "on_missing_tile": (on_missing_tile, ("raise", "skip")),
             "on_error": (on_error, ("raise", "skip")),
             "nonfinite": (nonfinite, ("raise", "zero")),
         },
     )
-    if clip_percentiles is not None:
-        clip_percentiles = _check_percentiles(clip_percentiles)
     if client is not None and n_jobs != 1:
         msg = (
             f"Pass either n_jobs (local processes) or client (a Dask cluster), got n_jobs={n_jobs}."
         )
         raise ValueError(msg)
-    names = [str(n) for n in channel_names]
     workers = _n_workers(n_jobs)
     table = as_cell_table(cells)
     cell_ids = unique_cell_ids(table.index, what="The cell table")
@@ -310,101 +326,51 @@ def extract_crops(
     columns = resolve_columns(
         table, preset=preset, tile_key=tile_key, y_key=y_key, x_key=x_key, need_tile_key=not single
     )
-    key_cols = list(columns.tile_key)
-
-    # --- group cells by tile ---------------------------------------------------------------
-    y_all = pd.to_numeric(table[columns.y_key], errors="coerce").to_numpy(np.float64)
-    x_all = pd.to_numeric(table[columns.x_key], errors="coerce").to_numpy(np.float64)
-    if key_cols:
-        no_key = table[key_cols].isna().any(axis=1).to_numpy()
-        if no_key.any():
-            msg = (
-                f"{int(no_key.sum())} cells have no tile key (NaN in {key_cols}), e.g. rows "
-                f"{list(cell_ids[no_key][:5])}. Fill in their tile, or drop them from the table."
-            )
-            raise ValueError(msg)
-    valid = np.isfinite(y_all) & np.isfinite(x_all)
-    n_nan = int((~valid).sum())
-    if n_nan:
-        logger.warning(
-            "Dropping %d cells with a missing (NaN) centroid, e.g. rows %s.",
-            n_nan,
-            list(cell_ids[~valid][:5]),
-        )
-    valid_positions = np.flatnonzero(valid)
-    if key_cols:
-        tile_keys = _plain_values(table[key_cols].iloc[valid_positions])
-        groups = tile_keys.groupby(key_cols, sort=True, observed=True).indices
-        keys = [_plain_key(k) for k in groups]
-        group_positions = [valid_positions[np.asarray(groups[k])] for k in groups]
-    else:
-        keys, group_positions = [None], [valid_positions]
-    labels = [tile_label(key_cols, k) for k in keys]
-    first_rows = [cell_ids[g[0]] if len(g) else None for g in group_positions]
-    sources, how = resolve_sources(tiles, key_cols, keys, rows=first_rows)
-    if on_missing_tile == "raise" and how != "callable":
-        missing = [lab for lab, src in zip(labels, sources, strict=True) if src is None]
-        if missing:
-            msg = (
-                f"No image found for {len(missing)} of {len(keys)} tiles, e.g. {missing[:5]} "
-                f"(tiles given as a {how}). Add the images, fix the tile path template or keys, "
-                "or pass on_missing_tile='skip' to drop their cells."
-            )
-            raise MissingTileError(msg)
-
-    params = {
-        "crop_size": int(crop_size),
-        "resize_to": None if resize_to is None else int(resize_to),
-        "edge_margin": margin,
-        "channel_names": names,
-        "channel_axis": channel_axis,
-        "align": bool(align),
-        "reference_channel": reference,
-        "upsample_factor": int(upsample_factor),
-        "clip_percentiles": None if clip_percentiles is None else list(clip_percentiles),
-        "dtype": str(out_dtype),
-        "tile_key": key_cols,
-        "y_key": columns.y_key,
-        "x_key": columns.x_key,
-        "preset": columns.preset,
-        "on_missing_tile": on_missing_tile,
-        "on_error": on_error,
-        "nonfinite": nonfinite,
-    }
-    fingerprint = table_fingerprint(table, [*key_cols, columns.y_key, columns.x_key])
-    run = RunFolder(
-        out, {"params": params, "table": fingerprint, "tiles": labels}, overwrite=overwrite
+    params = CropParams(
+        **options,
+        align=bool(align),
+        upsample_factor=int(upsample_factor),
+        tile_key=list(columns.tile_key),
+        y_key=columns.y_key,
+        x_key=columns.x_key,
+        preset=columns.preset,
     )
+    by_tile = _cells_by_tile(table, cell_ids, params.tile_key, params.y_key, params.x_key)
+    sources = _tile_sources(
+        tiles, by_tile, cell_ids, params.tile_key, raise_missing=on_missing_tile == "raise"
+    )
+    fingerprint = table_fingerprint(table, [*params.tile_key, params.y_key, params.x_key])
+    header = {"params": params.record(), "table": fingerprint, "tiles": by_tile.labels}
+    run = RunFolder(out, header, overwrite=overwrite)
     try:
-        _redo_changed_tiles(run, sources, labels)
-        if len(run.records) < len(keys) or not run.store_complete():
+        _redo_changed_tiles(run, sources, by_tile.labels)
+        if len(run.records) < len(by_tile.keys) or not run.store_complete():
             layout = {
-                "n_channels": len(names),
-                "crop_size": params["resize_to"] or params["crop_size"],
-                "channel_names": names,
-                "dtype": out_dtype,
+                "n_channels": params.n_channels,
+                "crop_size": params.out_size,
+                "channel_names": params.channel_names,
+                "dtype": np.dtype(params.dtype),
                 "chunk_cells": chunk_cells,
                 "pixel_size": pixel_size,
-                "nonfinite": nonfinite,
+                "nonfinite": params.nonfinite,
             }
-            worker_params = {**params, "n_channels": len(names), "dtype": str(out_dtype)}
             tasks = [
                 TileTask(
                     index=i,
-                    label=labels[i],
-                    key=keys[i],
+                    label=by_tile.labels[i],
+                    key=by_tile.keys[i],
                     source=sources[i],
-                    positions=group_positions[i],
-                    y=y_all[group_positions[i]],
-                    x=x_all[group_positions[i]],
-                    cell_ids=list(cell_ids[group_positions[i]]),
-                    params=worker_params,
+                    positions=by_tile.positions[i],
+                    y=by_tile.y[by_tile.positions[i]],
+                    x=by_tile.x[by_tile.positions[i]],
+                    params=params,
+                    cell_ids=list(cell_ids[by_tile.positions[i]]),
                 )
-                for i in range(len(run.records), len(keys))
+                for i in range(len(run.records), len(by_tile.keys))
             ]
             pool = (client, workers, start_method)
-            _crop_tiles(tasks, run, layout, labels, on_missing_tile, pool, progress)
-        return _finish(run, table, cell_ids, group_positions, y_all, x_all, labels, params, n_nan)
+            _crop_tiles(tasks, run, layout, by_tile.labels, on_missing_tile, pool, progress)
+        return _finish(run, table, cell_ids, by_tile, params)
     finally:
         run.release()
 
@@ -513,18 +479,15 @@ def _finish(
     run: RunFolder,
     table: pd.DataFrame,
     cell_ids: pd.Index,
-    group_positions: list[np.ndarray],
-    y_all: np.ndarray,
-    x_all: np.ndarray,
-    labels: list[str],
-    params: dict[str, Any],
-    n_nan: int,
+    by_tile: _CellsByTile,
+    params: CropParams,
 ) -> AnnData:
     """Build the AnnData of kept cells from the committed tiles, link it and write it."""
     kept_parts, n_edge, n_missing, n_unreadable, shapes, shifts = [], 0, 0, 0, [], []
     unreadable, nonfinite = [], np.zeros(2, dtype=np.int64)
-    n_channels = len(params["channel_names"])
-    for record, positions in zip(run.records, group_positions, strict=True):
+    n_channels, labels, n_nan = params.n_channels, by_tile.labels, by_tile.n_nan
+    y_all, x_all = by_tile.y, by_tile.x
+    for record, positions in zip(run.records, by_tile.positions, strict=True):
         if record["missing"] or record.get("unreadable"):
             if record.get("unreadable"):
                 n_unreadable += len(positions)
@@ -535,7 +498,7 @@ def _finish(
             shifts.append([[float("nan")] * 2] * n_channels)
             continue
         keep = _keep_mask(
-            y_all[positions], x_all[positions], record["tile_shape"], params["edge_margin"]
+            y_all[positions], x_all[positions], record["tile_shape"], params.edge_margin
         )
         if int(keep.sum()) != record["n_kept"] or record["stop"] - record["start"] != keep.sum():
             msg = (
@@ -556,7 +519,7 @@ def _finish(
     store = open_crops(str(run.store_path))
     link_crops(adata, store)
     adata.uns["extract_crops"] = {
-        **params,
+        **params.record(),
         "n_cells_in": int(len(table)),
         "n_dropped_nan": int(n_nan),
         "n_dropped_missing_tile": int(n_missing),

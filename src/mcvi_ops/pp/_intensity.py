@@ -91,6 +91,8 @@ def estimate_intensity_factors(
 ) -> np.ndarray:
     """Per-cell, per-channel intensity factors of field-of-view illumination and batch gains.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     Optical pooled screens image thousands of tiles: cells near a tile's corner look dimmer
     (vignetting) and every well has its own channel gains. Both are technical: a model that sees
     them can read a cell's position and well from its latent space. This function estimates them
@@ -152,8 +154,10 @@ def estimate_intensity_factors(
     --------
     >>> import mcvi_ops
     >>> adata = mcvi_ops.datasets.synthetic_screen(n_cells=2_000, seed=0)
-    >>> mcvi_ops.pp.derive_covariates(adata)  # doctest: +SKIP
-    >>> factors = mcvi_ops.pp.estimate_intensity_factors(adata, batch_key="batch")  # doctest: +SKIP
+    >>> covariates = mcvi_ops.pp.derive_covariates(adata)
+    >>> factors = mcvi_ops.pp.estimate_intensity_factors(adata, batch_key="batch")
+    >>> factors.shape  # cells x channels
+    (2000, 4)
     """
     from mcvi_ops.data import linked_store
 
@@ -167,21 +171,7 @@ def estimate_intensity_factors(
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
             msg = f"`{name}` must be an integer >= {least}, got {value!r}."
             raise ValueError(msg)
-    i = check_obs_key(adata, i_key, what="centroid row").to_numpy(dtype=float)
-    j = check_obs_key(adata, j_key, what="centroid column").to_numpy(dtype=float)
-    if not (np.isfinite(i).all() and np.isfinite(j).all()):
-        rows = np.flatnonzero(~(np.isfinite(i) & np.isfinite(j)))
-        msg = (
-            f"{len(rows)} cells have no finite tile position in .obs[{i_key!r}] / .obs[{j_key!r}] "
-            f"(first rows: {adata.obs_names[rows[:5]].tolist()}). Drop them or fill the positions."
-        )
-        raise ValueError(msg)
-    if tile_size is None:
-        meta = adata.uns.get(UNS.synthetic, {})
-        tile_size = float(meta.get("tile_size", max(i.max(), j.max()) + 1))
-    tile_size = _check_positions(adata, i, j, tile_size, i_key, j_key)
-    u = 2 * i / tile_size - 1
-    v = 2 * j / tile_size - 1
+    u, v, tile_size = _tile_coordinates(adata, i_key, j_key, tile_size)
     labels = check_obs_key(adata, perturbation_key, what="perturbation").astype(str)
     controls = np.flatnonzero(labels.to_numpy() == control_category)
     if len(controls) < 10:
@@ -239,6 +229,26 @@ def estimate_intensity_factors(
         explained.round(3).tolist(),
     )
     return factors
+
+
+def _tile_coordinates(
+    adata: AnnData, i_key: str, j_key: str, tile_size: float | None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each cell's position in its tile scaled to [-1, 1] (row, column), and the tile size."""
+    i = check_obs_key(adata, i_key, what="centroid row").to_numpy(dtype=float)
+    j = check_obs_key(adata, j_key, what="centroid column").to_numpy(dtype=float)
+    if not (np.isfinite(i).all() and np.isfinite(j).all()):
+        rows = np.flatnonzero(~(np.isfinite(i) & np.isfinite(j)))
+        msg = (
+            f"{len(rows)} cells have no finite tile position in .obs[{i_key!r}] / .obs[{j_key!r}] "
+            f"(first rows: {adata.obs_names[rows[:5]].tolist()}). Drop them or fill the positions."
+        )
+        raise ValueError(msg)
+    if tile_size is None:
+        meta = adata.uns.get(UNS.synthetic, {})
+        tile_size = float(meta.get("tile_size", max(i.max(), j.max()) + 1))
+    tile_size = _check_positions(adata, i, j, tile_size, i_key, j_key)
+    return 2 * i / tile_size - 1, 2 * j / tile_size - 1, tile_size
 
 
 def _check_positions(adata, i, j, tile_size, i_key: str, j_key: str) -> float:

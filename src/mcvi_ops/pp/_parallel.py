@@ -122,7 +122,10 @@ def run_parallel(
     on_result: Callable[[TileResult], dict[str, Any]],
     bar: Any,
 ) -> int:
-    """Crop tiles and write chunks on the pool's workers; return the number of crops."""
+    """Crop tiles and write chunks on the pool's workers; return the number of crops.
+
+    .. long function: documentation and signature; the body is under 80 lines.
+    """
     spill_dir = run.root / SPILL_NAME
     shutil.rmtree(spill_dir, ignore_errors=True)
     spill_dir.mkdir(parents=True)

@@ -2,28 +2,141 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from mcvi_ops.data._images import (
+    ChannelAxis,
     UnreadableImageError,
     image_files,
     read_image,
     stem,
     to_channel_first,
 )
+from mcvi_ops.data._writer import check_channel_names
 
-from ._align import align_channels, clip_percentiles
+from ._align import _check_percentiles, align_channels, clip_percentiles
 from ._resize import cast_crops, resize_crops
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """How every tile of a run is cropped: checked once, picklable for workers.
+
+    :meth:`record` is what the run log compares to resume a run and what
+    ``.uns["extract_crops"]`` shows, so its keys and values keep their format.
+    """
+
+    crop_size: int
+    resize_to: int | None
+    edge_margin: int
+    channel_names: list[str]
+    channel_axis: ChannelAxis
+    align: bool
+    reference_channel: int
+    upsample_factor: int
+    clip_percentiles: list[float] | None
+    dtype: str
+    tile_key: list[str]
+    y_key: str
+    x_key: str
+    preset: str | None
+    on_missing_tile: Literal["raise", "skip"]
+    on_error: Literal["raise", "skip"]
+    nonfinite: Literal["raise", "zero"]
+
+    @property
+    def n_channels(self) -> int:
+        """Channels of every tile and crop."""
+        return len(self.channel_names)
+
+    @property
+    def out_size(self) -> int:
+        """Side of the stored crops, after any resize."""
+        return self.resize_to or self.crop_size
+
+    def record(self) -> dict[str, Any]:
+        """The parameters as plain data (JSON and ``.uns``), one key per field."""
+        return dataclasses.asdict(self)
+
+
+def checked_options(
+    *,
+    crop_size: int,
+    resize_to: int | None,
+    edge_margin: int | None,
+    channel_names: Sequence[str],
+    channel_axis: ChannelAxis,
+    reference_channel: int | str,
+    dtype: Any,
+    clip_percentiles: tuple[float, float] | None,
+    choices: dict[str, tuple[str, tuple[str, ...]]],
+) -> dict[str, Any]:
+    """The cropping options, checked before any file is read (fields of :class:`CropParams`)."""
+    if int(crop_size) != crop_size or crop_size < 2:
+        msg = f"crop_size must be an integer >= 2 pixels, got {crop_size!r} (e.g. crop_size=100)."
+        raise ValueError(msg)
+    if resize_to is not None and (int(resize_to) != resize_to or resize_to < 1):
+        msg = f"resize_to must be a positive integer or None, got {resize_to!r} (e.g. 64)."
+        raise ValueError(msg)
+    if edge_margin is None:
+        edge_margin = math.ceil(crop_size / 2)
+    elif int(edge_margin) != edge_margin or edge_margin < 0:
+        msg = f"edge_margin must be a non-negative integer or None, got {edge_margin!r}."
+        raise ValueError(msg)
+    names = check_channel_names(channel_names)
+    if not names:
+        msg = f"channel_names must be a list of names, one per channel, got {channel_names!r}."
+        raise ValueError(msg)
+    if channel_axis not in ("first", "last") and not isinstance(channel_axis, int):
+        msg = f"channel_axis must be 'first', 'last' or an integer axis, got {channel_axis!r}."
+        raise ValueError(msg)
+    if isinstance(reference_channel, str):
+        if reference_channel not in names:
+            msg = (
+                f"reference_channel {reference_channel!r} is not one of the channel names {names}."
+            )
+            raise ValueError(msg)
+        reference = names.index(reference_channel)
+    else:
+        reference = int(reference_channel)
+        if not 0 <= reference < len(names):
+            msg = (
+                f"reference_channel={reference_channel} is out of range for {len(names)} channels."
+            )
+            raise ValueError(msg)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype("uint16"), np.dtype("float32")):
+        msg = f"dtype must be 'uint16' or 'float32', got {dtype}."
+        raise ValueError(msg)
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            msg = f"{name} must be one of {list(allowed)}, got {value!r}."
+            raise ValueError(msg)
+    if clip_percentiles is not None:
+        clip_percentiles = list(_check_percentiles(clip_percentiles))
+    return {
+        "crop_size": int(crop_size),
+        "resize_to": None if resize_to is None else int(resize_to),
+        "edge_margin": int(edge_margin),
+        "channel_names": [str(n) for n in channel_names],
+        "channel_axis": channel_axis,
+        "reference_channel": reference,
+        "clip_percentiles": clip_percentiles,
+        "dtype": str(dtype),
+        **{name: value for name, (value, _) in choices.items()},
+    }
 
 
 @dataclass
@@ -37,8 +150,8 @@ class TileTask:
     positions: np.ndarray  # row positions of the tile's cells in the table
     y: np.ndarray
     x: np.ndarray
+    params: CropParams
     cell_ids: list[str] = field(default_factory=list)  # ids of the tile's cells, for errors
-    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,6 +209,8 @@ def resolve_sources(
     tiles: Any, names: Sequence[str], keys: list[Any], rows: Sequence[Any] | None = None
 ) -> tuple[list[Any], str]:
     """Find the image source of every tile key; `None` marks a tile without an image.
+
+    .. long function: documentation and signature; the body is under 80 lines.
 
     ``rows`` names a cell-table row of each tile, for errors. Returns the sources and a
     description of how tiles were given.
@@ -245,10 +360,10 @@ def _check_values(
     if image.dtype.kind == "f":
         finite = np.isfinite(image)
         if not finite.all():
-            counts = window_counts((~finite).sum(axis=0), rows, cols, p["crop_size"])
+            counts = window_counts((~finite).sum(axis=0), rows, cols, p.crop_size)
             hit = np.flatnonzero(counts)
             n_values, n_cells = int(counts.sum()), len(hit)
-            if p["nonfinite"] == "raise":
+            if p.nonfinite == "raise":
                 cells = [ids[i] for i in hit[:5]] if ids else hit[:5].tolist()
                 msg = (
                     f"{where} holds {int(finite.size - finite.sum())} NaN or infinite pixels, "
@@ -265,8 +380,8 @@ def _check_values(
             )
             raise ValueError(msg)
     elif image.dtype.itemsize >= 4 and image.size:
-        processed = p["align"] or p["clip_percentiles"] is not None or p["resize_to"]
-        if (processed or p["dtype"] == "float32") and max(
+        processed = p.align or p.clip_percentiles is not None or p.resize_to
+        if (processed or p.dtype == "float32") and max(
             abs(int(image.min())), abs(int(image.max()))
         ) > 2**24:
             msg = (
@@ -310,13 +425,13 @@ def process_tile(task: TileTask) -> TileResult:
 
 def _process_tile(task: TileTask) -> TileResult:
     p = task.params
-    crop_size, out_size = p["crop_size"], p["resize_to"] or p["crop_size"]
-    n_channels, dtype = p["n_channels"], np.dtype(p["dtype"])
+    crop_size, out_size = p.crop_size, p.out_size
+    n_channels, dtype = p.n_channels, np.dtype(p.dtype)
     fingerprint = source_fingerprint(task.source)
     try:
         image = _load(task)
     except UnreadableImageError as err:
-        if p.get("on_error", "raise") == "skip":
+        if p.on_error == "skip":
             logger.warning("Skipping tile %s: %s", task.label, err)
             empty = np.zeros((0, n_channels, out_size, out_size), dtype=dtype)
             return TileResult(
@@ -328,7 +443,7 @@ def _process_tile(task: TileTask) -> TileResult:
         empty = np.zeros((0, n_channels, out_size, out_size), dtype=dtype)
         return TileResult(task.index, empty, 0, 0, True, [], [], fingerprint=fingerprint)
     image = to_channel_first(
-        image, channel_axis=p["channel_axis"], n_channels=n_channels, where=f"Tile {task.label}"
+        image, channel_axis=p.channel_axis, n_channels=n_channels, where=f"Tile {task.label}"
     )
     if np.issubdtype(dtype, np.integer) and not np.issubdtype(image.dtype, np.integer):
         msg = (
@@ -339,24 +454,24 @@ def _process_tile(task: TileTask) -> TileResult:
     height, width = image.shape[1:]
     rows = np.floor(task.y + 0.5).astype(np.int64)
     cols = np.floor(task.x + 0.5).astype(np.int64)
-    margin = p["edge_margin"]
+    margin = p.edge_margin
     keep = (
         (rows >= margin) & (cols >= margin) & (height - rows >= margin) & (width - cols >= margin)
     )
     rows, cols = rows[keep], cols[keep]
     ids = [task.cell_ids[i] for i in np.flatnonzero(keep)] if task.cell_ids else []
     image, n_values, n_cells = _check_values(task, image, rows, cols, ids)
-    if p["align"]:
+    if p.align:
         image, shifts = align_channels(
-            image, reference_channel=p["reference_channel"], upsample_factor=p["upsample_factor"]
+            image, reference_channel=p.reference_channel, upsample_factor=p.upsample_factor
         )
     else:
         shifts = np.zeros((n_channels, 2))
-        if p["clip_percentiles"] is not None:
+        if p.clip_percentiles is not None:
             image = image.astype(np.float32)  # a copy: never clip the caller's array in place
-    if p["clip_percentiles"] is not None:
-        image = clip_percentiles(image, p["clip_percentiles"], copy=False)
-    if p["resize_to"]:
+    if p.clip_percentiles is not None:
+        image = clip_percentiles(image, p.clip_percentiles, copy=False)
+    if p.resize_to:
         crops = resize_crops(crop_windows(image, rows, cols, crop_size), out_size)
         crops = cast_crops(crops, dtype)
     else:  # cast the tile once: cheaper than casting overlapping crops

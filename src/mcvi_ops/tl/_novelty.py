@@ -49,6 +49,63 @@ def _null_norms(
     return out
 
 
+def _perturbation_codes(
+    adata: AnnData, perturbation_key: str, control_category: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each cell's perturbation (row in the name-ordered perturbations; -1 controls) and controls.
+
+    Cells without a label count as the perturbation ``"nan"``, as in ``astype(str)``.
+    """
+    pert, pert_names = codes_of(check_obs_key(adata, perturbation_key, what="perturbation"))
+    is_ctrl = np.isin(pert, np.flatnonzero(pert_names == str(control_category)))
+    n_ctrl = int(is_ctrl.sum())
+    if n_ctrl < 2:
+        msg = (
+            f"Found {n_ctrl} control cells with .obs[{perturbation_key!r}] == "
+            f"{control_category!r}; need at least 2. Pass the right `control_category`."
+        )
+        raise ValueError(msg)
+    pert = np.where(pert >= 0, pert, pert_names.size)
+    pert_names = np.append(pert_names, "nan")
+    present = np.unique(pert[~is_ctrl])
+    if present.size == 0:
+        msg = "Every cell is a control; nothing to test."
+        raise ValueError(msg)
+    index = np.full(pert_names.size, -1, dtype=np.int64)
+    index[present] = np.arange(present.size)
+    return np.where(is_ctrl, -1, index[pert]), pert_names[present], is_ctrl
+
+
+def _shift_and_pvalue(
+    x,
+    codes: np.ndarray,
+    n_perturbations: int,
+    is_ctrl: np.ndarray,
+    counts: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each perturbation's distance from the controls' mean, and its permutation p-value.
+
+    Perturbations with more cells than there are controls get a NaN p-value.
+    """
+    means, _ = group_means(x, codes, n_perturbations)
+    control = x[is_ctrl]
+    center = control.mean(axis=0, dtype=np.float64)
+    shift = np.linalg.norm(means - center, axis=1)
+    sizes, size_index = np.unique(counts, return_inverse=True)
+    testable = sizes <= int(is_ctrl.sum())
+    pvalue = np.full(n_perturbations, np.nan)
+    if testable.any():
+        null = _null_norms(control, center, sizes[testable], n_permutations, rng)
+        col = np.full(sizes.size, -1)
+        col[testable] = np.arange(testable.sum())
+        ok = testable[size_index]
+        exceed = (null[:, col[size_index[ok]]] >= shift[ok][None, :]).sum(axis=0)
+        pvalue[ok] = (1 + exceed) / (1 + n_permutations)
+    return shift, pvalue
+
+
 def phenotype_novelty(
     adata: AnnData,
     *,
@@ -64,6 +121,8 @@ def phenotype_novelty(
     key_added: str = "phenotype_novelty",
 ) -> pd.DataFrame:
     r"""Separate novel phenotypes (salient space) from shifts of natural variation (background).
+
+    .. long function: documentation and signature; the body is under 80 lines.
 
     For each perturbation :math:`p` with cells :math:`C_p` and the control cells :math:`C_0`, the
     shifts :math:`s_p = \bar{S}_{C_p} - \bar{S}_{C_0}` in the salient space and
@@ -120,27 +179,7 @@ def phenotype_novelty(
     # stored dtype: group means and null sums accumulate in float64 without a whole copy
     salient = get_rep(adata, salient_rep, dtype=None)
     background = get_rep(adata, background_rep, dtype=None)
-    pert, pert_names = codes_of(check_obs_key(adata, perturbation_key, what="perturbation"))
-    is_ctrl = np.isin(pert, np.flatnonzero(pert_names == str(control_category)))
-    n_ctrl = int(is_ctrl.sum())
-    if n_ctrl < 2:
-        msg = (
-            f"Found {n_ctrl} control cells with .obs[{perturbation_key!r}] == "
-            f"{control_category!r}; need at least 2. Pass the right `control_category`."
-        )
-        raise ValueError(msg)
-    # perturbations with cells, in name order (missing labels are "nan", as in astype(str))
-    pert = np.where(pert >= 0, pert, pert_names.size)
-    pert_names = np.append(pert_names, "nan")
-    present = np.unique(pert[~is_ctrl])
-    names = pert_names[present]
-    index = np.full(pert_names.size, -1, dtype=np.int64)
-    index[present] = np.arange(present.size)
-    codes = np.where(is_ctrl, -1, index[pert])
-    if names.size == 0:
-        msg = "Every cell is a control; nothing to test."
-        raise ValueError(msg)
-
+    codes, names, is_ctrl = _perturbation_codes(adata, perturbation_key, control_category)
     rng = np.random.default_rng(seed)
     columns: dict[str, np.ndarray] = {}
     counts = np.bincount(codes[codes >= 0], minlength=names.size)
@@ -150,31 +189,20 @@ def phenotype_novelty(
         guides = np.where(guides >= 0, guides, guide_names.size)  # missing: one "nan" guide
         pairs = np.unique(codes[~is_ctrl] * (guide_names.size + 1) + guides[~is_ctrl])
         columns["n_guides"] = np.bincount(pairs // (guide_names.size + 1), minlength=names.size)
-    sizes, size_index = np.unique(counts, return_inverse=True)
-    testable = sizes <= n_ctrl
-    if not testable.all():
+    n_ctrl = int(is_ctrl.sum())
+    if (counts > n_ctrl).any():
         logger.warning(
             "%d perturbations have more cells than the %d controls; their p-values are NaN.",
-            (~testable[size_index]).sum(),
+            (counts > n_ctrl).sum(),
             n_ctrl,
         )
     sq = {}
     for name, x in (("salient", salient), ("background", background)):
-        means, _ = group_means(x, codes, names.size)
-        control = x[is_ctrl]
-        center = control.mean(axis=0, dtype=np.float64)
-        shift = np.linalg.norm(means - center, axis=1)
+        shift, columns[f"{name}_pvalue"] = _shift_and_pvalue(
+            x, codes, names.size, is_ctrl, counts, n_permutations, rng
+        )
         sq[name] = shift**2
         columns[f"{name}_shift"] = shift
-        pvalue = np.full(names.size, np.nan)
-        if testable.any():
-            null = _null_norms(control, center, sizes[testable], n_permutations, rng)
-            col = np.full(sizes.size, -1)
-            col[testable] = np.arange(testable.sum())
-            ok = testable[size_index]
-            exceed = (null[:, col[size_index[ok]]] >= shift[ok][None, :]).sum(axis=0)
-            pvalue[ok] = (1 + exceed) / (1 + n_permutations)
-        columns[f"{name}_pvalue"] = pvalue
     total = sq["salient"] + sq["background"]
     with np.errstate(invalid="ignore", divide="ignore"):
         columns["salient_share"] = np.where(total > 0, sq["salient"] / total, np.nan)

@@ -3,9 +3,9 @@
 Driver of ``benchmarks/gpu_check.sh``; three sub-commands share one results file (JSON lines),
 so that whatever was measured before a time limit struck still reaches the table:
 
-    python benchmarks/gpu_check.py bench --results R.jsonl --workdir DIR [--budget 360] [--smoke]
-    python benchmarks/gpu_check.py row --results R.jsonl --check NAME --result TEXT [...]
-    python benchmarks/gpu_check.py table --results R.jsonl [--out table.md]
+    python benchmarks/gpu/gpu_check.py bench --results R.jsonl --workdir DIR [--budget 360] [--smoke]
+    python benchmarks/gpu/gpu_check.py row --results R.jsonl --check NAME --result TEXT [...]
+    python benchmarks/gpu/gpu_check.py table --results R.jsonl [--out table.md]
 
 ``bench`` measures, on a simulated screen, in order of importance (each part within the budget
 left; parts that no longer fit are reported, not run):

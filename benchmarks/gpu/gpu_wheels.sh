@@ -16,7 +16,7 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-Usage: benchmarks/gpu_wheels.sh [-o DIR] [--node-freeze FILE] [-h]
+Usage: benchmarks/gpu/gpu_wheels.sh [-o DIR] [--node-freeze FILE] [-h]
 
 Download, for CPython 3.12 on manylinux x86_64, the wheels mcvi-ops needs beyond what the GPU
 node already has, and build mcvi-ops' own wheel, into DIR (default: benchmarks/_wheels). Then
@@ -44,7 +44,7 @@ Environment:
 EOF
 }
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="$ROOT/benchmarks/_wheels"
 NODE_FREEZE=""
 while [[ $# -gt 0 ]]; do
