@@ -258,6 +258,8 @@ def train_model(
     for kind, values in parts.items():
         adata.obsm[f"{name}_{kind}"] = values
     perturbed = (adata.obs[GENE] != CONTROL).to_numpy()
+    if protocol != "insample":
+        perturbed &= ~fit_on  # the cells the last model embedded: one latent space
     activity = latent_activity(parts["salient"][perturbed], parts["background"][perturbed])
     return [f"{name}_{kind}" for kind in parts], seconds, model, activity
 

@@ -45,6 +45,10 @@ def _curve(record: dict) -> str:
     return " > ".join(f"{values[i]:.4g}" for i in picks)
 
 
+#: what the runs below showed, written by hand after the study (shown before the tables)
+FINDINGS = Path(__file__).parent / "calibration_findings.md"
+
+
 def write_report(runs: Path, out: Path) -> None:
     records = [json.loads(line) for line in runs.read_text().splitlines() if line.strip()]
     lines = [
@@ -60,6 +64,8 @@ def write_report(runs: Path, out: Path) -> None:
         "> 0.01. Curves: validation loss, first to last epoch.",
         "",
     ]
+    if FINDINGS.exists():
+        lines += [FINDINGS.read_text().strip(), ""]
     for screen in dict.fromkeys(r["screen"] for r in records):
         base = [r for r in records if r["screen"] == screen and r["name"] == "baselines"]
         runs_ = [r for r in records if r["screen"] == screen and r["name"] != "baselines"]

@@ -9,7 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcvi_ops.model._health import latent_activity, warn_if_collapsed
+from mcvi_ops.model._health import (
+    label_memorization,
+    latent_activity,
+    warn_if_collapsed,
+    warn_if_memorized,
+)
 
 
 def test_alive_salient_latent():
@@ -50,3 +55,39 @@ def test_ratio_is_invariant_to_a_common_scale(scale, n):
     base = latent_activity(s, z).loc["salient", "variance_ratio"]
     scaled = latent_activity(s * scale, z * scale).loc["salient", "variance_ratio"]
     assert scaled == pytest.approx(base, rel=1e-6)
+
+
+def test_memorised_labels_are_flagged_and_warned(caplog):
+    rng = np.random.default_rng(0)
+    controls = rng.normal(0, 1, (400, 8))
+    # training cells of effect-free perturbations pulled apart, held-out cells like controls
+    train_labels = np.repeat(np.arange(10), 20)
+    pulls = rng.normal(0, 2, (10, 8))
+    train = pulls[train_labels] + rng.normal(0, 1, (200, 8))
+    heldout_labels = np.repeat(np.arange(10), 20)
+    heldout = rng.normal(0, 1, (200, 8))
+    result = label_memorization(train, train_labels, heldout, heldout_labels, controls)
+    assert result["median_ratio"] > 5
+    assert result["n_perturbations"] == 10
+    assert bool(result["memorized"])
+    with caplog.at_level("WARNING"):
+        warn_if_memorized(result)
+    assert "memorised labels" in caplog.text and "validation_indices" in caplog.text
+    caplog.clear()
+    warn_if_memorized(None)
+    warn_if_memorized(result.replace({True: False}))
+    assert "memorised" not in caplog.text
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), effect=st.floats(0.0, 3.0), n=st.integers(5, 40))
+def test_cells_from_one_distribution_are_not_flagged(seed, effect, n):
+    # training and held-out cells drawn alike: whatever the effect size, nothing is memorised
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (30, 8)) * effect
+    labels = np.repeat(np.arange(30), n)
+    train = centres[labels] + rng.normal(0, 1, (len(labels), 8))
+    heldout = centres[labels] + rng.normal(0, 1, (len(labels), 8))
+    controls = rng.normal(0, 1, (300, 8))
+    result = label_memorization(train, labels, heldout, labels, controls)
+    assert not bool(result["memorized"]), result.to_dict()

@@ -25,7 +25,7 @@ from mcvi_ops.module import FeatureMultiContrastiveVAE
 from mcvi_ops.train import DivergenceGuard, ImageTrainingPlan, ImageTrainRunner
 
 from ._feature_stats import control_statistics, covariate_trend
-from ._health import latent_activity, warn_if_collapsed
+from ._health import latent_activity, memorization_check, warn_if_collapsed, warn_if_memorized
 from ._objective import Objective, objective_settings
 from ._persistence import SafeSaveLoadMixin
 from ._save_load import LOADING
@@ -352,8 +352,14 @@ class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseM
             **trainer_kwargs,
         )
         activity = self.get_latent_activity()
+        memorization = memorization_check(
+            self, self._codes(PERTURBATION_KEY), control_code=CONTROL_CODE
+        )
         if isinstance(self.history_, dict):
             self.history_["latent_activity"] = activity
+            if memorization is not None:
+                self.history_["label_memorization"] = memorization.to_frame("value").T
+        warn_if_memorized(memorization)
         warn_if_collapsed(
             activity,
             hint=(
@@ -362,6 +368,9 @@ class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseM
                 "FeatureMCVAE(...)."
             ),
         )
+
+    def _embed_for_health(self, rows: np.ndarray) -> np.ndarray:
+        return self.get_latent_representation(indices=rows, kind="both")
 
     # --- outputs --------------------------------------------------------------------------
     def _query_statistics(self, adata: AnnData, manager: AnnDataManager):

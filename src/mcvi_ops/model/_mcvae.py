@@ -18,7 +18,7 @@ from mcvi_ops.module import MultiContrastiveVAE
 
 from ._base import BaseImageModel
 from ._distributed import outputs_on_devices
-from ._health import latent_activity, warn_if_collapsed
+from ._health import latent_activity, memorization_check, warn_if_collapsed, warn_if_memorized
 from ._objective import Objective, objective_settings
 
 logger = logging.getLogger(__name__)
@@ -275,10 +275,19 @@ class MCVAE(BaseImageModel):
         n_salient = self.module.n_salient_latent
         return latent_activity(both[:, :n_salient], both[:, n_salient:])
 
+    def _embed_for_health(self, rows: np.ndarray) -> np.ndarray:
+        return self.get_latent_representation(indices=rows, kind="both", progress_bar=False)
+
     def _after_training(self) -> None:
         activity = self.get_latent_activity()
+        manager = self.get_anndata_manager(self.adata, required=True)
+        codes = np.asarray(manager.get_from_registry(PERTURBATION_KEY)).reshape(-1)
+        memorization = memorization_check(self, codes, control_code=CONTROL_CODE)
         if isinstance(self.history_, dict):
             self.history_["latent_activity"] = activity
+            if memorization is not None:
+                self.history_["label_memorization"] = memorization.to_frame("value").T
+        warn_if_memorized(memorization)
         module = self.module
         warn_if_collapsed(
             activity,
