@@ -103,7 +103,7 @@ def _time_default(n_cells: int, n_features: int) -> dict:
     start = time.perf_counter()
     model.train(enable_progress_bar=False)
     seconds = time.perf_counter() - start
-    epochs = len(model.history["train_loss_epoch"])
+    epochs = len(model.history["train_loss"])
     return {"n_cells": n_cells, "n_features": n_features, "seconds": seconds, "epochs": epochs}
 
 

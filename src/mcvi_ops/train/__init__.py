@@ -3,6 +3,7 @@
 from ._callbacks import (
     CellsPerSecondBar,
     CheckInputs,
+    CheckpointWriteError,
     DivergenceGuard,
     EpochCheckpoint,
     EpochProgressLog,
@@ -17,6 +18,7 @@ from ._training_plan import ImageTrainingPlan
 __all__ = [
     "CellsPerSecondBar",
     "CheckInputs",
+    "CheckpointWriteError",
     "DivergenceGuard",
     "EpochCheckpoint",
     "EpochProgressLog",
