@@ -36,7 +36,7 @@ class InferenceLoader(CropDataLoader):
     intensity_map
         ``[scale, offset]`` per channel applied to the raw crops (`None`: none).
     progress_bar
-        Show a progress bar; `None`: when there are more than :data:`PROGRESS_MIN_BATCHES`
+        Show a progress bar; `None`: when there are more than 10
         minibatches and the output is a terminal or a notebook (not a log file).
     description
         Label of the progress bar.

@@ -43,7 +43,7 @@ _TARGET_CELLS_SEEN = 300_000
 
 
 def default_feature_epochs(n_cells: int) -> int:
-    """Default epochs of :class:`FeatureMCVAE`: ``ceil(300,000 / n_cells)`` between 5 and 100.
+    """Default epochs of :class:`~mcvi_ops.FeatureMCVAE`: ``ceil(300,000 / n_cells)`` between 5 and 100.
 
     Examples
     --------

@@ -45,7 +45,7 @@ class MultiContrastiveMixin:
     :class:`torch.distributions.Normal` posteriors), implements ``_decode(latents, **covariates)``
     (returning the likelihood ``"px"`` and its mean ``"px_mean"``) and
     ``_decoder_covariates(tensors)`` (the keyword arguments of ``_decode`` besides the latents,
-    e.g. ``batch_index``), and calls :meth:`_init_contrastive` in its ``__init__``.
+    e.g. ``batch_index``), and calls ``_init_contrastive`` in its ``__init__``.
     """
 
     background_encoder: nn.Module

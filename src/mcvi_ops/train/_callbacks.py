@@ -440,13 +440,16 @@ class EpochProgressLog(ProgressBar):
         self._start = time.perf_counter()
 
     def disable(self) -> None:
+        """Stop writing the per-epoch lines (Lightning calls it on non-zero ranks)."""
         self._enabled = False
 
     def enable(self) -> None:
+        """Write the per-epoch lines again."""
         self._enabled = True
 
     @property
     def is_enabled(self) -> bool:
+        """Whether the per-epoch lines are written."""
         return self._enabled
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
