@@ -17,10 +17,7 @@ from scvi.data.fields import ObsmField
 from torch.distributions import Normal
 
 from mcvi_ops import MCVAE
-from mcvi_ops._constants import CONTROL_CODE, IMAGE_KEY, INTENSITY_FACTOR_KEY, PERTURBATION_KEY
-from mcvi_ops.data import ImageField
-from mcvi_ops.data._label_fields import BatchField, IntensityFactorField, PerturbationField
-from mcvi_ops.data._link import crop_reference
+from mcvi_ops._constants import CONTROL_CODE, PERTURBATION_KEY
 from mcvi_ops.model._feature_stats import control_statistics
 from mcvi_ops.module import GaussianLikelihood, MultiContrastiveVAE
 from mcvi_ops.module._decoding import decoder_input
@@ -99,18 +96,10 @@ class HybridMCVAE(MCVAE):
         **kwargs,
     ) -> None:
         setup_method_args = cls._get_setup_method_args(**locals())
-        reference = crop_reference(adata)
-        fields = [
-            ImageField(IMAGE_KEY, index_key=reference["index_key"]),
-            PerturbationField(
-                PERTURBATION_KEY, perturbation_key, control_category=control_category
-            ),
-            ObsmField(AUXILIARY_KEY, auxiliary_key),
-        ]
-        if batch_key is not None:
-            fields.append(BatchField(REGISTRY_KEYS.BATCH_KEY, batch_key))
-        if intensity_factor_key is not None:
-            fields.append(IntensityFactorField(INTENSITY_FACTOR_KEY, intensity_factor_key))
+        fields = cls._image_fields(
+            adata, perturbation_key, control_category, batch_key, intensity_factor_key
+        )
+        fields.append(ObsmField(AUXILIARY_KEY, auxiliary_key))
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)

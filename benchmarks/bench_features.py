@@ -28,20 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench_memory import _rss_bytes, _Sampler
+from bench_memory import _per_cell_bytes, _rss_bytes, _Sampler
 
 HERE = Path(__file__).parent
 STAGES = ["table", "setup", "train", "embed", "aggregate"]
-
-
-def _per_cell_bytes(adata) -> int:
-    """Bytes of ``.obs``, ``.X`` and ``.obsm`` (arrays or data frames)."""
-    total = int(adata.obs.memory_usage(deep=True).sum()) + int(adata.X.nbytes)
-    for value in adata.obsm.values():
-        total += int(
-            value.memory_usage(deep=True).sum() if hasattr(value, "memory_usage") else value.nbytes
-        )
-    return total
 
 
 def _table(n_cells: int, n_features: int, seed: int = 0, block: int = 100_000):

@@ -86,7 +86,10 @@ def _per_cell_bytes(adata) -> int:
     )
     if adata.X is not None:
         total += int(adata.X.nbytes)
-    total += sum(int(v.nbytes) for v in adata.obsm.values())
+    for value in adata.obsm.values():  # arrays, or data frames (scvi-tools' covariate fields)
+        total += int(
+            value.memory_usage(deep=True).sum() if hasattr(value, "memory_usage") else value.nbytes
+        )
     return total
 
 

@@ -85,20 +85,17 @@ def plot_headline(scores: pd.DataFrame, path: Path) -> None:
     )
     chosen = scores[keep & scores["metric"].isin(["average_precision", "consistency_mAP"])]
     chosen = chosen.dropna(subset=["value"])
+    chosen = chosen.assign(
+        method=[
+            f"{r} ({n})" if n != "none" else r
+            for r, n in zip(chosen["representation"], chosen["normalisation"], strict=True)
+        ]
+    )
     order = chosen[chosen["metric"] == "average_precision"].sort_values("value", ascending=False)
-    methods = [
-        f"{r} ({n})" if n != "none" else r
-        for r, n in zip(order["representation"], order["normalisation"], strict=True)
-    ]
     fig = mcvi_ops.pl.method_comparison(
-        chosen.assign(
-            method=[
-                f"{r} ({n})" if n != "none" else r
-                for r, n in zip(chosen["representation"], chosen["normalisation"], strict=True)
-            ]
-        ),
+        chosen,
         metrics=("average_precision", "consistency_mAP"),
-        methods=methods,
+        methods=list(order["method"]),
         show=False,
         return_fig=True,
     )

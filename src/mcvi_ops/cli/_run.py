@@ -56,24 +56,18 @@ def screen_fingerprint(adata, columns: list[str], *, features: bool = False) -> 
     if features:
         cells = pd.DataFrame({"row": range(adata.n_obs)}, index=adata.obs_names)
         extra = [adata.n_obs, list(map(str, adata.var_names))]
-        labels = pd.DataFrame(
-            {c: adata.obs[c].astype(str).to_numpy() for c in columns}, index=adata.obs_names
+    else:
+        from mcvi_ops.data._link import crop_reference
+
+        reference = crop_reference(adata)
+        cells = pd.DataFrame(
+            {"crop": adata.obs[reference["index_key"]].to_numpy()}, index=adata.obs_names
         )
-        return {"cells": _digest(cells, extra), "labels": _digest(labels, columns)}
-
-    from mcvi_ops.data._link import crop_reference
-
-    reference = crop_reference(adata)
-    cells = pd.DataFrame(
-        {"crop": adata.obs[reference["index_key"]].to_numpy()}, index=adata.obs_names
-    )
+        extra = [adata.n_obs, str(reference.get("store_id"))]
     labels = pd.DataFrame(
         {c: adata.obs[c].astype(str).to_numpy() for c in columns}, index=adata.obs_names
     )
-    return {
-        "cells": _digest(cells, [adata.n_obs, str(reference.get("store_id"))]),
-        "labels": _digest(labels, columns),
-    }
+    return {"cells": _digest(cells, extra), "labels": _digest(labels, columns)}
 
 
 def read_record(out: Path) -> dict[str, Any] | None:

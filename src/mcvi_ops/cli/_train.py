@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mcvi_ops._constants import OBSM
+
 from . import _run
 from ._common import add_command, check_obs_column, read_adata
 
@@ -62,10 +64,10 @@ X_fmcvae. Cells of batches it never saw are standardised against their own contr
 batch needs control cells (and the batch and perturbation columns of the set-up).
 """
 
-#: the model class of each kind of input, and the embeddings it writes
+#: the model class of each kind of input, and the embeddings it writes (salient, background, both)
 EMBEDDINGS = {
-    "MCVAE": ("X_mcvae_salient", "X_mcvae_background", "X_mcvae"),
-    "FeatureMCVAE": ("X_fmcvae_salient", "X_fmcvae_background", "X_fmcvae"),
+    "MCVAE": (OBSM.salient, OBSM.background, OBSM.both),
+    "FeatureMCVAE": (OBSM.features_salient, OBSM.features_background, OBSM.features_both),
 }
 
 

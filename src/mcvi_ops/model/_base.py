@@ -98,6 +98,23 @@ class BaseImageModel(SafeSaveLoadMixin, ImageTrainingMixin, VAEMixin, BaseModelC
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        fields = cls._image_fields(
+            adata, perturbation_key, control_category, batch_key, intensity_factor_key, uns_key
+        )
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    @staticmethod
+    def _image_fields(
+        adata: AnnData,
+        perturbation_key: str,
+        control_category: str,
+        batch_key: str | None,
+        intensity_factor_key: str | None,
+        uns_key: str = UNS_KEY,
+    ) -> list:
+        """The registry fields of the image models' set-up (a subclass may add its own)."""
         reference = crop_reference(adata, uns_key=uns_key)
         fields = [
             ImageField(IMAGE_KEY, index_key=reference["index_key"], uns_key=uns_key),
@@ -109,9 +126,7 @@ class BaseImageModel(SafeSaveLoadMixin, ImageTrainingMixin, VAEMixin, BaseModelC
             fields.append(BatchField(REGISTRY_KEYS.BATCH_KEY, batch_key))
         if intensity_factor_key is not None:
             fields.append(IntensityFactorField(INTENSITY_FACTOR_KEY, intensity_factor_key))
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        return fields
 
     def _image_layout(self) -> tuple[int, tuple[int, int], int, int]:
         stats = self.summary_stats

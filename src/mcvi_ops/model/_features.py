@@ -25,7 +25,7 @@ from mcvi_ops.module import FeatureMultiContrastiveVAE
 from mcvi_ops.train import DivergenceGuard, ImageTrainingPlan, ImageTrainRunner
 
 from ._feature_stats import control_statistics, covariate_trend
-from ._health import latent_activity, memorization_check, warn_if_collapsed, warn_if_memorized
+from ._health import latent_activity, record_training_health
 from ._objective import Objective, objective_settings
 from ._persistence import SafeSaveLoadMixin
 from ._save_load import LOADING
@@ -351,17 +351,10 @@ class FeatureMCVAE(SafeSaveLoadMixin, VAEMixin, UnsupervisedTrainingMixin, BaseM
             callbacks=callbacks,
             **trainer_kwargs,
         )
-        activity = self.get_latent_activity()
-        memorization = memorization_check(
-            self, self._codes(PERTURBATION_KEY), control_code=CONTROL_CODE
-        )
-        if isinstance(self.history_, dict):
-            self.history_["latent_activity"] = activity
-            if memorization is not None:
-                self.history_["label_memorization"] = memorization.to_frame("value").T
-        warn_if_memorized(memorization)
-        warn_if_collapsed(
-            activity,
+        record_training_health(
+            self,
+            self._codes(PERTURBATION_KEY),
+            control_code=CONTROL_CODE,
             hint=(
                 f"Lower `wasserstein_penalty` (now {self.module.wasserstein_penalty:g}) or raise "
                 f"`classification_weight` (now {self.module.classification_weight:g}) in "

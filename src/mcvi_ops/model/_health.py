@@ -180,8 +180,8 @@ def memorization_check(
         for rows in (model.validation_indices, model.train_indices)
     )
     codes = np.asarray(codes).reshape(-1)
-    train = train[codes[train] != control_code] if len(train) else train
-    validation = validation[codes[validation] != control_code] if len(validation) else validation
+    train = train[codes[train] != control_code]
+    validation = validation[codes[validation] != control_code]
     if len(train) == 0 or len(validation) == 0:
         return None
     rng = np.random.default_rng(0)
@@ -202,3 +202,19 @@ def memorization_check(
     return label_memorization(
         embedded[0], codes[picks[0]], embedded[1], codes[picks[1]], controls=embedded[2]
     )
+
+
+def record_training_health(model, codes: np.ndarray, *, control_code: int, hint: str) -> None:
+    """After ``train()``: latent activity and label memorisation into ``model.history``, warned.
+
+    ``codes`` are the perturbation codes of the training cells; ``hint`` names the settings to
+    change when the salient latent has collapsed.
+    """
+    activity = model.get_latent_activity()
+    memorization = memorization_check(model, codes, control_code=control_code)
+    if isinstance(model.history_, dict):
+        model.history_["latent_activity"] = activity
+        if memorization is not None:
+            model.history_["label_memorization"] = memorization.to_frame("value").T
+    warn_if_memorized(memorization)
+    warn_if_collapsed(activity, hint=hint)

@@ -18,7 +18,7 @@ from mcvi_ops.module import MultiContrastiveVAE
 
 from ._base import BaseImageModel
 from ._distributed import outputs_on_devices
-from ._health import latent_activity, memorization_check, warn_if_collapsed, warn_if_memorized
+from ._health import latent_activity, record_training_health
 from ._objective import Objective, objective_settings
 
 logger = logging.getLogger(__name__)
@@ -279,18 +279,12 @@ class MCVAE(BaseImageModel):
         return self.get_latent_representation(indices=rows, kind="both", progress_bar=False)
 
     def _after_training(self) -> None:
-        activity = self.get_latent_activity()
         manager = self.get_anndata_manager(self.adata, required=True)
-        codes = np.asarray(manager.get_from_registry(PERTURBATION_KEY)).reshape(-1)
-        memorization = memorization_check(self, codes, control_code=CONTROL_CODE)
-        if isinstance(self.history_, dict):
-            self.history_["latent_activity"] = activity
-            if memorization is not None:
-                self.history_["label_memorization"] = memorization.to_frame("value").T
-        warn_if_memorized(memorization)
         module = self.module
-        warn_if_collapsed(
-            activity,
+        record_training_health(
+            self,
+            np.asarray(manager.get_from_registry(PERTURBATION_KEY)).reshape(-1),
+            control_code=CONTROL_CODE,
             hint=(
                 f"Lower `wasserstein_penalty` (now {module.wasserstein_penalty:g}) or raise "
                 f"`classification_weight` (now {module.classification_weight:g}) in MCVAE(...), "
