@@ -79,7 +79,7 @@ def test_memorised_labels_are_flagged_and_warned(caplog):
     assert "memorised" not in caplog.text
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), effect=st.floats(0.0, 3.0), n=st.integers(5, 40))
 def test_cells_from_one_distribution_are_not_flagged(seed, effect, n):
     # training and held-out cells drawn alike: whatever the effect size, nothing is memorised
